@@ -1,0 +1,65 @@
+"""qz's sessions: per-package tests, lint, the demo, and (in their own issues) benchmarks and sweeps.
+
+Every session installs from this repo with ``constraints.txt``, so a fresh machine needs only nox.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = ["qz-core", "qz-classification", "qz-detection", "qz-segmentation"]
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+ENV = {"YOLO_OFFLINE": "1", "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "")}
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _install(session: nox.Session, *packages: str) -> None:
+    """Installs qz packages (editable, with their test extras) and the verified stack."""
+    args = [arg for name in packages for arg in ("-e", f"{ROOT / 'packages' / name}[test]")]
+    session.install(*CONSTRAINTS, *args)
+
+
+def _dependencies(package: str) -> list[str]:
+    chain = {
+        "qz-core": ["qz-core"],
+        "qz-classification": ["qz-core", "qz-classification"],
+        "qz-detection": ["qz-core", "qz-classification", "qz-detection"],
+        "qz-segmentation": ["qz-core", "qz-classification", "qz-segmentation"],
+        "integration": PACKAGES,
+    }
+    return chain[package]
+
+
+def _test_dir(package: str) -> Path:
+    return ROOT / "tests" if package == "integration" else ROOT / "packages" / package / "tests"
+
+
+@nox.session
+@nox.parametrize("package", [*PACKAGES, "integration"])
+def tests(session: nox.Session, package: str) -> None:
+    """Runs one package's tests in its own virtualenv; 'integration' runs tests/ with all installed."""
+    _install(session, *_dependencies(package))
+    session.run("pytest", str(_test_dir(package)), "-q", *session.posargs, env=ENV)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole repo."""
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", str(ROOT), *session.posargs)
+    session.run("ruff", "format", "--check", str(ROOT), *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """FP32 vs INT8 PTQ vs INT8 QAT ResNet-18 on scikit-learn's real digits (args go to 'qz demo')."""
+    session.install(
+        *CONSTRAINTS, "-e", str(ROOT / "packages" / "qz-core"), "-e", f"{ROOT / 'packages' / 'qz-classification'}[demo]"
+    )
+    session.run("qz", "demo", *session.posargs, env=ENV)

@@ -1,0 +1,70 @@
+"""qz-core: the quantization workflow shared by every qz model family."""
+
+from qz_core.backend import platform_backend, resolve_backend, set_backend, supported_backends
+from qz_core.bench import Latency, compare_latency, measure_latency, model_size_mb, timing_setup
+from qz_core.builder import QuantOptions, build_quantizable, prepare_quantizable
+from qz_core.data import image_dataset, image_loader
+from qz_core.errors import QzError
+from qz_core.fusion import FUSE_LEVELS, fuse_modules, fuse_sequentials, sequential_fusion_groups
+from qz_core.onnx_export import OnnxReport, export_onnx, run_onnx
+from qz_core.partial import FloatIsland, count_float_islands
+from qz_core.qconfig import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS, make_qconfig
+from qz_core.registry import ModelEntry, get_model, get_model_entry, get_model_weights, list_models, register_model
+from qz_core.weights import load_state_dict_strict, read_checkpoint, resolve_weights
+from qz_core.workflow import (
+    calibrate,
+    convert,
+    ensure_calibrated,
+    is_quantized,
+    load_quantized,
+    save_quantized,
+    train_qat,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATION_OBSERVERS",
+    "FUSE_LEVELS",
+    "WEIGHT_OBSERVERS",
+    "FloatIsland",
+    "Latency",
+    "ModelEntry",
+    "OnnxReport",
+    "QuantOptions",
+    "QzError",
+    "build_quantizable",
+    "calibrate",
+    "compare_latency",
+    "convert",
+    "count_float_islands",
+    "ensure_calibrated",
+    "export_onnx",
+    "fuse_modules",
+    "fuse_sequentials",
+    "get_model",
+    "get_model_entry",
+    "get_model_weights",
+    "image_dataset",
+    "image_loader",
+    "is_quantized",
+    "list_models",
+    "load_quantized",
+    "load_state_dict_strict",
+    "make_qconfig",
+    "measure_latency",
+    "model_size_mb",
+    "platform_backend",
+    "prepare_quantizable",
+    "read_checkpoint",
+    "register_model",
+    "resolve_backend",
+    "resolve_weights",
+    "run_onnx",
+    "save_quantized",
+    "sequential_fusion_groups",
+    "set_backend",
+    "supported_backends",
+    "timing_setup",
+    "train_qat",
+]

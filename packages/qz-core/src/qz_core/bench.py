@@ -1,0 +1,84 @@
+"""Latency and size measurement that gives honest FP32/INT8 ratios on a CPU."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency statistics in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+
+def timing_setup(threads: int | None = None) -> int:
+    """Flushes denormals and fixes the thread count; returns the thread count used.
+
+    Random-weight FP32 models otherwise crawl through denormal floats, and ratios lie.
+    """
+    torch.set_flush_denormal(True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _summary(samples: list[float]) -> Latency:
+    samples = sorted(samples)
+    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]  # noqa: E731
+    return Latency(statistics.median(samples), pick(0.1), pick(0.9), len(samples))
+
+
+def compare_latency(
+    runners: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    rounds: int = 20,
+    threads: int | None = None,
+    progress: bool = False,
+) -> dict[str, Latency]:
+    """Times several callables interleaved, round by round, so machine drift hits all alike.
+
+    Args:
+        runners: name -> zero-argument callable (one inference each).
+        warmup: untimed calls of each before timing.
+        rounds: timed calls of each.
+        threads: intra-op threads (unchanged when None).
+    """
+    timing_setup(threads)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.inference_mode():
+        for run in runners.values():
+            for _ in range(warmup):
+                run()
+        for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _summary(s) for name, s in samples.items()}
+
+
+def measure_latency(model: nn.Module, example_input: Any, **kwargs: Any) -> Latency:
+    """Median latency of ``model(example_input)``; keywords as in ``compare_latency``."""
+    model.eval()
+    return compare_latency({"model": lambda: model(example_input)}, **kwargs)["model"]
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Size of the model's serialized state dict in MiB (what a saved file takes)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20

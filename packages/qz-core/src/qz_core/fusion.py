@@ -1,0 +1,88 @@
+"""Fusion of conv-bn(-relu) and linear-relu patterns, PTQ or QAT, at a chosen granularity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch.ao.quantization as tq
+from torch import nn
+
+from qz_core.errors import invalid_choice
+
+FuseLevel = Literal["none", "blocks", "all"]
+FUSE_LEVELS: tuple[str, ...] = ("none", "blocks", "all")
+
+# Longest patterns first; torch's fuser knows each of these for PTQ and QAT.
+_PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
+    (nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+    (nn.Conv1d, nn.BatchNorm1d, nn.ReLU),
+    (nn.Conv2d, nn.BatchNorm2d),
+    (nn.Conv1d, nn.BatchNorm1d),
+    (nn.Conv2d, nn.ReLU),
+    (nn.Conv1d, nn.ReLU),
+    (nn.Linear, nn.BatchNorm1d),
+    (nn.Linear, nn.ReLU),
+    (nn.BatchNorm2d, nn.ReLU),
+)
+
+
+def check_fuse_level(level: str) -> str:
+    """Returns ``level`` if it is one of ``FUSE_LEVELS``, else raises naming the choices."""
+    if level not in FUSE_LEVELS:
+        raise invalid_choice("fuse level", level, FUSE_LEVELS)
+    return level
+
+
+def fuse_modules(module: nn.Module, groups: Sequence[Sequence[str]], is_qat: bool) -> None:
+    """Fuses each group of dotted submodule names in place, with the QAT fuser when ``is_qat``.
+
+    The QAT fuser keeps BatchNorm trainable and needs the modules in training mode; the PTQ
+    fuser folds BatchNorm into the conv and needs eval mode. qz sets each mode as it fuses.
+    """
+    groups = [list(g) for g in groups if g]
+    if not groups:
+        return
+    was_training = module.training
+    module.train(is_qat)
+    if is_qat:
+        tq.fuse_modules_qat(module, groups, inplace=True)
+    else:
+        tq.fuse_modules(module, groups, inplace=True)
+    module.train(was_training)
+
+
+def _type_matches(mod: nn.Module, kind: type[nn.Module]) -> bool:
+    # Exact types: a subclass (ReLU6 is not ReLU, a quantizable block is not a Conv2d) never fuses.
+    return type(mod) is kind
+
+
+def sequential_fusion_groups(module: nn.Module, prefix: str = "") -> list[list[str]]:
+    """Finds fusable runs (conv-bn-relu, conv-bn, linear-relu, ...) inside every nn.Sequential."""
+    groups: list[list[str]] = []
+    for name, child in module.named_modules(prefix=prefix):
+        if not isinstance(child, nn.Sequential):
+            continue
+        items = list(child.named_children())
+        i = 0
+        while i < len(items):
+            for pattern in _PATTERNS:
+                run = items[i : i + len(pattern)]
+                if len(run) == len(pattern) and all(_type_matches(m, k) for (_, m), k in zip(run, pattern)):
+                    groups.append([f"{name}.{n}" if name else n for n, _ in run])
+                    i += len(pattern)
+                    break
+            else:
+                i += 1
+    return groups
+
+
+def fuse_sequentials(module: nn.Module, is_qat: bool) -> int:
+    """Fuses every known pattern found in the nn.Sequential containers of ``module``.
+
+    Returns:
+        The number of groups fused.
+    """
+    groups = sequential_fusion_groups(module)
+    fuse_modules(module, groups, is_qat)
+    return len(groups)

@@ -1,0 +1,108 @@
+"""ONNX export of FP32 and INT8 models, checked in onnxruntime against PyTorch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qz_core.errors import QzError
+from qz_core.workflow import is_quantized
+
+
+@dataclass(frozen=True)
+class OnnxReport:
+    """What an export produced and how closely onnxruntime agrees with PyTorch."""
+
+    path: Path
+    opset: int
+    quantized: bool
+    size_mb: float
+    max_abs_diff: float | None
+    mean_abs_diff: float | None
+    output_range: float | None
+
+    def __str__(self) -> str:
+        kind = "INT8" if self.quantized else "FP32"
+        text = f"{kind} ONNX {self.path} (opset {self.opset}, {self.size_mb:.2f} MB)"
+        if self.max_abs_diff is not None:
+            text += f": onnxruntime vs PyTorch max |diff| {self.max_abs_diff:.4g}, mean {self.mean_abs_diff:.4g}"
+            text += f" (output range {self.output_range:.4g})"
+        return text
+
+
+def _flatten(output: Any) -> list[np.ndarray]:
+    if isinstance(output, Tensor):
+        return [output.detach().cpu().numpy()]
+    if isinstance(output, dict):
+        return [a for v in output.values() for a in _flatten(v)]
+    if isinstance(output, (list, tuple)):
+        return [a for v in output for a in _flatten(v)]
+    return []
+
+
+def run_onnx(path: str | os.PathLike, example_input: Tensor | tuple[Tensor, ...]) -> list[np.ndarray]:
+    """Runs an ONNX file in onnxruntime on the CPU and returns its outputs."""
+    import onnxruntime as ort
+
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return session.run(None, feeds)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor | tuple[Tensor, ...],
+    *,
+    opset: int = 13,
+    check: bool = True,
+    dynamic_batch: bool = False,
+) -> OnnxReport:
+    """Exports an FP32 or INT8 model to ONNX and, with ``check``, runs it in onnxruntime.
+
+    INT8 models go through the TorchScript exporter (``dynamo=False``), which maps quantized
+    ops to QuantizeLinear/DequantizeLinear around float ops (QDQ) that onnxruntime fuses back
+    into integer kernels.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    quantized = is_quantized(model)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    input_names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    dynamic_axes = {n: {0: "batch"} for n in input_names} if dynamic_batch else None
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                inputs,
+                os.fspath(path),
+                opset_version=opset,
+                input_names=input_names,
+                dynamic_axes=dynamic_axes,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise QzError(f"ONNX export of {type(model).__name__} (opset {opset}) failed: {exc}") from exc
+    size_mb = path.stat().st_size / 2**20
+    if not check:
+        return OnnxReport(path, opset, quantized, size_mb, None, None, None)
+    with torch.no_grad():
+        expected = _flatten(model(*inputs))
+    got = run_onnx(path, tuple(inputs))
+    if len(got) != len(expected):
+        raise QzError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(expected)}.")
+    diffs = [np.abs(g.astype(np.float64) - e.astype(np.float64)) for g, e in zip(got, expected)]
+    max_diff = float(max(d.max() for d in diffs if d.size)) if diffs else 0.0
+    mean_diff = float(np.mean(np.concatenate([d.ravel() for d in diffs]))) if diffs else 0.0
+    out_range = float(max(np.ptp(e) for e in expected if e.size)) if expected else 0.0
+    return OnnxReport(path, opset, quantized, size_mb, max_diff, mean_diff, out_range)
