@@ -79,8 +79,11 @@ def folder_data(root: str | os.PathLike, transform, batch_size: int = 32, seed: 
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Gives a pretrained classifier a fresh linear head with ``num_classes`` outputs, if it differs."""
     for name in ("fc", "classifier"):
         head = getattr(model, name, None)
+        if getattr(head, "out_features", None) == num_classes:
+            return
         if isinstance(head, nn.Linear):
             setattr(model, name, nn.Linear(head.in_features, num_classes))
             return
@@ -144,15 +147,11 @@ def run_demo(
     out = Path(out_dir or tempfile.mkdtemp(prefix="qz-demo-"))
     out.mkdir(parents=True, exist_ok=True)
 
-    model = entry.builder(weights=weights)
-    if (
-        weights is None
-        or getattr(model.fc if hasattr(model, "fc") else None, "out_features", None) != dataset.num_classes
-    ):
-        if weights is not None:
-            _replace_head(model, dataset.num_classes)
-        else:
-            model = entry.builder(num_classes=dataset.num_classes)
+    if weights is None:
+        model = entry.builder(num_classes=dataset.num_classes)
+    else:
+        model = entry.builder(weights=weights)
+        _replace_head(model, dataset.num_classes)
     if epochs:
         train_float(model, dataset.train, epochs)
     checkpoint = out / f"{model_name}_fp32.pth"

@@ -68,7 +68,9 @@ def sequential_fusion_groups(module: nn.Module, prefix: str = "") -> list[list[s
         while i < len(items):
             for pattern in _PATTERNS:
                 run = items[i : i + len(pattern)]
-                if len(run) == len(pattern) and all(_type_matches(m, k) for (_, m), k in zip(run, pattern)):
+                if len(run) == len(pattern) and all(
+                    _type_matches(m, k) for (_, m), k in zip(run, pattern, strict=True)
+                ):
                     groups.append([f"{name}.{n}" if name else n for n, _ in run])
                     i += len(pattern)
                     break

@@ -54,7 +54,7 @@ def run_onnx(path: str | os.PathLike, example_input: Tensor | tuple[Tensor, ...]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
     return session.run(None, feeds)
 
 
@@ -101,7 +101,7 @@ def export_onnx(
     got = run_onnx(path, tuple(inputs))
     if len(got) != len(expected):
         raise QzError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(expected)}.")
-    diffs = [np.abs(g.astype(np.float64) - e.astype(np.float64)) for g, e in zip(got, expected)]
+    diffs = [np.abs(g.astype(np.float64) - e.astype(np.float64)) for g, e in zip(got, expected, strict=True)]
     max_diff = float(max(d.max() for d in diffs if d.size)) if diffs else 0.0
     mean_diff = float(np.mean(np.concatenate([d.ravel() for d in diffs]))) if diffs else 0.0
     out_range = float(max(np.ptp(e) for e in expected if e.size)) if expected else 0.0

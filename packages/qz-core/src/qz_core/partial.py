@@ -68,7 +68,7 @@ def quantize_from(model: nn.Module, stage: str) -> None:
             child.qconfig = None
     parts = stage.split(".")
     parent = model
-    for depth, part in enumerate(parts):
+    for part in parts:
         for name, child in parent.named_children():
             if name == part:
                 break

@@ -115,9 +115,7 @@ def get_model_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        hint = (
-            "" if _REGISTRY else "No model is registered: install qz-classification, qz-detection or qz-segmentation."
-        )
+        hint = "" if _REGISTRY else "No model is registered: install qz-classification, -detection or -segmentation."
         raise invalid_choice("model name", name, _REGISTRY, hint=hint) from None
 
 
