@@ -1,0 +1,1 @@
+"""Quantizable convnext models (not written yet)."""

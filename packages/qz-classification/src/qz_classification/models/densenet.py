@@ -1,0 +1,1 @@
+"""Quantizable densenet models (not written yet)."""

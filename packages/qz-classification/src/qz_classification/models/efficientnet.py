@@ -1,0 +1,1 @@
+"""Quantizable efficientnet models (not written yet)."""

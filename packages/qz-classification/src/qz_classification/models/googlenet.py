@@ -1,0 +1,1 @@
+"""Quantizable googlenet models (not written yet)."""

@@ -1,0 +1,1 @@
+"""Quantizable inception models (not written yet)."""

@@ -1,0 +1,1 @@
+"""Quantizable mnasnet models (not written yet)."""

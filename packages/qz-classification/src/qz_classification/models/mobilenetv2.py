@@ -1,0 +1,1 @@
+"""Quantizable mobilenetv2 models (not written yet)."""

@@ -1,0 +1,1 @@
+"""Quantizable mobilenetv3 models (not written yet)."""

@@ -1,0 +1,1 @@
+"""Quantizable regnet models (not written yet)."""

@@ -1,0 +1,1 @@
+"""Quantizable shufflenetv2 models (not written yet)."""

@@ -1,0 +1,1 @@
+"""Quantizable squeezenet models (not written yet)."""

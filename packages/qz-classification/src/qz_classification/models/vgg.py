@@ -1,0 +1,1 @@
+"""Quantizable vgg models (not written yet)."""

@@ -1,0 +1,44 @@
+"""Shared checks for the classification families: every family test runs the same contract."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision
+
+from qz_core.support import SupportResult, float_difference, probe_model
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def assert_matches_torchvision(name: str, tmp_path, input_size: int = 64, **kwargs) -> None:
+    """Unconverted, qz's ``name`` computes exactly torchvision's float model on the same weights."""
+    torch.manual_seed(0)
+    reference = torchvision.models.get_model(name, **kwargs).eval()
+    x = torch.randn(2, 3, input_size, input_size)
+    assert float_difference(name, reference, x, tmp_path, **kwargs) == 0.0
+
+
+def assert_fully_supported(name: str, tmp_path, input_size: int = 64, slack: float = 1.5) -> SupportResult:
+    """PTQ and QAT reach INT8 on x86 and qnnpack; INT8 ONNX runs in onnxruntime and agrees.
+
+    Agreement: onnxruntime's INT8 output is about as close to FP32 as PyTorch's INT8 output is
+    (within ``slack`` times PyTorch's own INT8 error, plus 2% of the output range).
+    """
+    result = probe_model(name, example_input=torch.randn(1, 3, input_size, input_size), work_dir=tmp_path)
+    assert result.errors == {}, result.errors
+    assert result.ptq and result.qat
+    assert result.engines == {"x86": True, "qnnpack": True}
+    assert result.fp32_onnx and result.int8_onnx
+    bound = slack * result.int8_max_diff + 0.02 * result.output_range
+    assert result.onnx_fp32_diff <= bound, result
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _restore_engine():
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
