@@ -66,7 +66,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.qat:
         loss = entry.meta.get("qat_loss")
         if loss is None:
-            raise QzError(f"QAT from the command line is not available for task {entry.task!r} yet.")
+            raise QzError(f"QAT from the command line is not available for {args.model!r} ({entry.task}) yet.")
         if not args.train:
             raise QzError("--qat needs --train DIR: a labelled image folder (one subfolder per class).")
         train = image_loader(

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch.ao.quantization as tq
 from torch import nn
+from torch.ao.nn.intrinsic import _FusedModule
 
 from qz_core.errors import invalid_choice
 
@@ -60,8 +61,10 @@ def _type_matches(mod: nn.Module, kind: type[nn.Module]) -> bool:
 def sequential_fusion_groups(module: nn.Module, prefix: str = "") -> list[list[str]]:
     """Finds fusable runs (conv-bn-relu, conv-bn, linear-relu, ...) inside every nn.Sequential."""
     groups: list[list[str]] = []
+    fused = [n for n, m in module.named_modules(prefix=prefix) if isinstance(m, _FusedModule)]
     for name, child in module.named_modules(prefix=prefix):
-        if not isinstance(child, nn.Sequential):
+        # Already-fused intrinsic modules are Sequentials too: never look inside them.
+        if not isinstance(child, nn.Sequential) or any(name == f or name.startswith(f + ".") for f in fused):
             continue
         items = list(child.named_children())
         i = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,9 @@ def export_onnx(
     input_names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     dynamic_axes = {n: {0: "batch"} for n in input_names} if dynamic_batch else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # qz uses the TorchScript exporter on purpose: the dynamo one cannot take quantized models.
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             torch.onnx.export(
                 model,
                 inputs,

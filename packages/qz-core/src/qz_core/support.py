@@ -127,7 +127,9 @@ def probe_model(
     if onnx:
         from qz_core.onnx_export import export_onnx
 
-        report = _step(result, "fp32_onnx", lambda: export_onnx(float_model, work / f"{name}_fp32.onnx", x, opset=opset))
+        report = _step(
+            result, "fp32_onnx", lambda m=float_model: export_onnx(m, work / f"{name}_fp32.onnx", x, opset=opset)
+        )
         result.fp32_onnx = report is not None
     del float_model
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.ao.quantization as tq
 from torch import Tensor, nn
+from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import FakeQuantizeBase, ObserverBase
 from tqdm.auto import tqdm
 
@@ -30,9 +31,17 @@ def batch_inputs(batch: Any) -> Any:
 
 
 def _activation_observers(model: nn.Module) -> dict[str, nn.Module]:
+    # Activation observers hang off modules as `activation_post_process`; skip weight fake-quants
+    # and the observer nested inside each FakeQuantize (its parent stands for it).
     found = {}
     for name, module in model.named_modules():
-        if name.endswith("activation_post_process") and isinstance(module, (ObserverBase, FakeQuantizeBase)):
+        parts = name.split(".")
+        if (
+            parts[-1] == "activation_post_process"
+            and "weight_fake_quant" not in parts
+            and parts[-2:-1] != ["activation_post_process"]
+            and isinstance(module, (ObserverBase, FakeQuantizeBase))
+        ):
             found[name] = module
     return found
 
@@ -180,7 +189,10 @@ def convert(model: nn.Module, *, inplace: bool = False, check: bool = True) -> n
 
 def is_quantized(model: nn.Module) -> bool:
     """True when ``model`` holds converted INT8 modules."""
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+    return any(
+        type(m).__module__.startswith("torch.ao.nn.quantized") and not isinstance(m, FloatFunctional)
+        for m in model.modules()
+    )
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:

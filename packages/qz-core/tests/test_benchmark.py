@@ -1,0 +1,209 @@
+"""The benchmark suite, the support command and the README block rewriter, on a tiny toy model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization import DeQuantStub, QuantStub
+
+from qz_core import QzError, build_quantizable, fuse_modules, get_model_entry, register_model
+from qz_core.bench import Latency
+from qz_core.benchmark import BenchRow, run_benchmark, run_support, select_models, torchvision_int8
+from qz_core.commands import register
+from qz_core.report import bench_markdown, replace_block, support_markdown, update_readme_block, write_bench_outputs
+
+TINY = "qz_test_bench_tinynet"
+BROKEN = "qz_test_bench_broken"
+
+
+class TinyNet(nn.Module):
+    """conv-bn-relu, a residual add, global pooling and a linear head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.add = FloatFunctional()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+        self.quant = QuantStub()
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
+        x = self.add.add(self.bn2(self.conv2(x)), x)
+        return self.dequant(self.fc(torch.flatten(self.pool(x), 1)))
+
+    def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
+        fuse_modules(self, [["conv1", "bn1", "relu1"], ["conv2", "bn2"]], is_qat)
+
+
+def _tiny(*, weights=None, progress=True, quantize=False, is_qat=False, skip_fuse=False, **kwargs: Any) -> nn.Module:
+    return build_quantizable(
+        TinyNet,
+        weights=weights,
+        weights_enum=None,
+        progress=progress,
+        quantize=quantize,
+        is_qat=is_qat,
+        skip_fuse=skip_fuse,
+        **kwargs,
+    )
+
+
+def _broken(*, quantize: bool = False, **kwargs: Any) -> nn.Module:
+    if quantize:
+        raise RuntimeError("deliberately broken in quantize mode")
+    return _tiny(**kwargs)
+
+
+def _register_once(name: str, builder: Any) -> None:
+    try:
+        get_model_entry(name)
+    except QzError:
+        register_model(name, task="classification", input_size=(32, 32), family="qz_test")(builder)
+
+
+_register_once(TINY, _tiny)
+_register_once(BROKEN, _broken)
+
+
+@pytest.fixture(scope="module")
+def bench_rows() -> list[BenchRow]:
+    return run_benchmark([TINY, BROKEN], rounds=3, warmup=1, calib_batches=2, progress=False)
+
+
+def test_run_benchmark_times_every_runner(bench_rows: list[BenchRow]) -> None:
+    tiny = bench_rows[0]
+    assert [r.model for r in bench_rows] == [TINY, BROKEN]
+    assert tiny.error is None, tiny.error
+    assert set(tiny.latency) == {"fp32", "int8", "ort_fp32", "ort_int8"}
+    assert all(lat.runs == 3 and lat.p10_ms <= lat.median_ms <= lat.p90_ms for lat in tiny.latency.values())
+    assert tiny.eager_ratio == pytest.approx(tiny.ms("int8") / tiny.ms("fp32"))
+    best = min(tiny.ms("int8"), tiny.ms("ort_int8"))
+    assert tiny.deployed_ratio == pytest.approx(best / tiny.ms("fp32"))
+    assert tiny.int8_mb < tiny.fp32_mb and tiny.fp32_onnx_mb > 0 and tiny.int8_onnx_mb > 0
+    assert tiny.peak_rss_mb > 0 and tiny.float_islands == 0
+    assert (tiny.family, tiny.input_size, tiny.batch_size) == ("qz_test", (32, 32), 1)
+
+
+def test_failing_model_is_an_error_row_and_fp32_is_still_timed(bench_rows: list[BenchRow]) -> None:
+    broken = bench_rows[1]
+    assert "deliberately broken" in broken.error
+    assert "int8" not in broken.latency and broken.ms("fp32") > 0
+    assert broken.eager_ratio is None and broken.deployed_ratio is None
+
+
+def test_unknown_model_is_an_error_row() -> None:
+    rows = run_benchmark(["qz_no_such_model"], rounds=1, warmup=0, ort=False, progress=False)
+    assert "Invalid model name" in rows[0].error and rows[0].latency == {}
+
+
+def test_bench_outputs_written(bench_rows: list[BenchRow], tmp_path) -> None:
+    paths = write_bench_outputs(bench_rows, tmp_path, {"threads": 1, "backend": "x86", "rounds": 3})
+    with paths["csv"].open() as f:
+        records = list(csv.DictReader(f))
+    assert [r["model"] for r in records] == [TINY, BROKEN]
+    assert float(records[0]["eager_ratio"]) == pytest.approx(bench_rows[0].eager_ratio)
+    assert "deliberately broken" in records[1]["error"]
+    payload = json.loads(paths["json"].read_text())
+    assert payload["meta"]["threads"] == 1 and payload["rows"][0]["int8_onnx_mb"] > 0
+    markdown = paths["markdown"].read_text()
+    assert "| Model | before (ms) | after (ms) | ratio | ORT FP32 (ms) | ORT INT8 (ms) |" in markdown
+    assert f"| {BROKEN} |" in markdown and "error" in markdown
+    for key in ("ratio_png", "size_png"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_markdown_values() -> None:
+    row = BenchRow("m", latency={"fp32": Latency(10.0, 9.0, 11.0, 5), "int8": Latency(4.0, 3.5, 4.5, 5)})
+    row.latency["ort_int8"] = Latency(2.5, 2.0, 3.0, 5)
+    line = next(ln for ln in bench_markdown([row]).splitlines() if ln.startswith("| m |"))
+    assert line.startswith("| m | 10.00 | 4.00 | 0.40 | - | 2.50 | 0.25 |")
+
+
+def test_torchvision_int8_runs_with_the_same_weights() -> None:
+    from torchvision.models import resnet18
+
+    float_model = resnet18(num_classes=10).eval()
+    batches = [torch.randn(2, 3, 64, 64)]
+    int8 = torchvision_int8("resnet18", float_model.state_dict(), batches, "qnnpack", num_classes=10)
+    assert type(int8.fc).__module__.startswith("torch.ao.nn.quantized")
+    assert int8(batches[0]).shape == (2, 10)
+    with pytest.raises(QzError, match="Invalid torchvision quantizable model 'vgg16'"):
+        torchvision_int8("vgg16", {}, batches, "qnnpack")
+
+
+def test_support_on_the_toy(tmp_path) -> None:
+    results = run_support([TINY, BROKEN], engines=["qnnpack"], progress=False)
+    tiny, broken = results
+    assert tiny.ptq and tiny.qat and tiny.engines == {"qnnpack": True} and tiny.int8_onnx
+    assert not broken.ptq and "ptq[qnnpack]" in broken.errors
+    lines = support_markdown(results).splitlines()
+    assert lines[0] == (
+        "| Model | Quantization Support (PTQ, QAT) | qnnpack | FP32 ONNX | INT8 ONNX | ONNX opset | float islands |"
+    )
+    assert lines[2] == f"| {TINY} | PTQ, QAT | Y | Y | Y | 13 | 0 |"
+    assert lines[3] == f"| {BROKEN} | N | N | Y | N | 13 | - |"
+    assert any("deliberately broken" in ln for ln in lines)
+
+
+def test_support_command_writes_files_and_readme(tmp_path, capsys) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n<!-- support-table:start -->\nold\n<!-- support-table:end -->\ntail\n")
+    args = parser.parse_args(["support", TINY, "--engines", "qnnpack", "--out", str(tmp_path / "s")])
+    args.readme = str(readme)
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "s" / "support.json").read_text())["rows"][0]["name"] == TINY
+    text = readme.read_text()
+    assert "old" not in text and f"| {TINY} | PTQ, QAT |" in text and text.endswith("tail\n")
+
+
+def test_readme_block_round_trip(tmp_path) -> None:
+    text = "intro\n<!-- bench-table:start -->\n| a |\n<!-- bench-table:end -->\noutro\n"
+    once = replace_block(text, "bench-table", "| b |\n")
+    assert once == "intro\n<!-- bench-table:start -->\n| b |\n<!-- bench-table:end -->\noutro\n"
+    assert replace_block(once, "bench-table", "| a |") == text
+    path = tmp_path / "README.md"
+    path.write_text(text)
+    assert update_readme_block(path, "bench-table", "| b |") is True
+    assert update_readme_block(path, "bench-table", "| b |") is False
+    assert path.read_text() == once
+
+
+def test_readme_block_errors(tmp_path) -> None:
+    with pytest.raises(QzError, match="'<!-- support-table:start -->' is missing from README"):
+        replace_block("no markers", "support-table", "x", source="README")
+    with pytest.raises(QzError, match="comes before"):
+        replace_block("<!-- t:end -->\n<!-- t:start -->", "t", "x")
+    with pytest.raises(QzError, match="appears 2 times"):
+        replace_block("<!-- t:start --><!-- t:start --><!-- t:end -->", "t", "x")
+    with pytest.raises(QzError, match="does not exist"):
+        update_readme_block(tmp_path / "missing.md", "t", "x")
+
+
+def test_select_models() -> None:
+    assert select_models(["qz_test_bench_*"]) == [BROKEN, TINY]
+    assert select_models([TINY, "qz_test_bench_*"]) == [TINY, BROKEN]
+    assert TINY in select_models(task="classification")
+    with pytest.raises(QzError, match="Did you mean 'qz_test_bench_tinynet'"):
+        select_models(["qz_test_bench_tinynte"])
+    with pytest.raises(QzError, match="--task TASK or --all"):
+        select_models([])
+    with pytest.raises(QzError, match="No registered model matches"):
+        select_models(["zzz_nothing_*"])
+    with pytest.raises(QzError, match="Invalid task 'detect'"):
+        select_models(task="detect")

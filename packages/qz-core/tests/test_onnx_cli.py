@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import qz_core
+from qz_core import QzError
+from qz_core.cli import main
+
+from conftest import TINY, random_batches
+
+
+def _int8(path, backend="x86"):
+    model = qz_core.get_model(TINY, weights=str(path), quantize=True, backend=backend)
+    qz_core.calibrate(model, random_batches(), progress=False)
+    return qz_core.convert(model)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_int8_onnx_runs_in_onnxruntime_and_agrees(checkpoint, tmp_path, backend):
+    int8 = _int8(checkpoint[0], backend)
+    x = random_batches(1, batch=1, seed=7)[0]
+    report = qz_core.export_onnx(int8, tmp_path / "tiny_int8.onnx", x)
+    assert report.quantized and report.opset == 13 and report.path.exists()
+    assert report.max_abs_diff <= 0.05 * report.output_range
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(report.path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_fp32_onnx_matches_closely(checkpoint, tmp_path):
+    _, float_model = checkpoint
+    report = qz_core.export_onnx(float_model, tmp_path / "tiny.onnx", random_batches(1, batch=2)[0], dynamic_batch=True)
+    assert not report.quantized and report.max_abs_diff < 1e-4
+    out = qz_core.run_onnx(report.path, torch.randn(5, 3, 32, 32))[0]
+    assert out.shape == (5, 4)
+
+
+def test_export_failure_is_a_clear_error(tmp_path):
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.eig(x)[0].real  # no ONNX symbolic
+
+    with pytest.raises(QzError, match="ONNX export of Bad"):
+        qz_core.export_onnx(Bad(), tmp_path / "bad.onnx", torch.randn(2, 2))
+
+
+def test_latency_and_size_helpers(checkpoint):
+    path, float_model = checkpoint
+    int8 = _int8(path)
+    x = random_batches(1, batch=1)[0]
+    stats = qz_core.compare_latency({"fp32": lambda: float_model(x), "int8": lambda: int8(x)}, warmup=1, rounds=5)
+    assert set(stats) == {"fp32", "int8"}
+    assert all(s.runs == 5 and 0 < s.p10_ms <= s.median_ms <= s.p90_ms for s in stats.values())
+    assert torch.is_flush_denormal_enabled() if hasattr(torch, "is_flush_denormal_enabled") else True
+    assert qz_core.model_size_mb(int8) < qz_core.model_size_mb(float_model)
+
+
+def _images(folder, n=4, size=40):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_cli_list(capsys):
+    assert main(["list", "qz_test_*"]) == 0
+    assert TINY in capsys.readouterr().out
+
+
+def test_cli_quantize_end_to_end(checkpoint, tmp_path, capsys):
+    calib = _images(tmp_path / "calib")
+    out, onnx_path = tmp_path / "tiny_int8.pt", tmp_path / "tiny_int8.onnx"
+    args = ["quantize", TINY, "--weights", str(checkpoint[0]), "--calib", str(calib), "--out", str(out)]
+    assert main([*args, "--onnx", str(onnx_path), "--batch-size", "2", "--workers", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "calibrated on 2 batches" in text and "INT8 ONNX" in text
+    loaded = qz_core.load_quantized(out)
+    assert qz_core.is_quantized(loaded) and onnx_path.exists()
+
+
+def test_cli_qat_end_to_end(checkpoint, tmp_path):
+    train = tmp_path / "train"
+    _images(train / "a")
+    _images(train / "b")
+    out = tmp_path / "qat.pt"
+    args = ["quantize", TINY, "--weights", str(checkpoint[0]), "--calib", str(train), "--out", str(out), "--qat"]
+    assert main([*args, "--train", str(train), "--epochs", "1", "--batch-size", "4", "--workers", "0"]) == 0
+    assert qz_core.load_quantized(out).qz_recipe["is_qat"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["quantize", "resnet5O", "--calib", "x", "--out", "y"], "Invalid model name 'resnet5O'"),
+        (
+            ["quantize", TINY, "--calib", "/no/such/folder", "--out", "y"],
+            "calibration folder '/no/such/folder' does not exist",
+        ),
+    ],
+)
+def test_cli_errors_are_one_clear_line(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_empty_calibration_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["quantize", TINY, "--calib", str(tmp_path / "empty"), "--out", str(tmp_path / "o.pt")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_cli_unknown_backend_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", TINY, "--calib", "x", "--out", "y", "--backend", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_support_probe_reports_each_step(tmp_path):
+    result = qz_core.support.probe_model(TINY, work_dir=tmp_path)
+    assert result.errors == {} and result.ptq and result.qat
+    assert result.engines == {"x86": True, "qnnpack": True} and result.int8_onnx and result.fp32_onnx
+    json.dumps(result.as_dict())
