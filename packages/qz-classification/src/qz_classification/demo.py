@@ -141,9 +141,7 @@ def run_demo(
     if data is None:
         dataset = digits_data(image_size)
     else:
-        from qz_core.cli import preprocessing
-
-        dataset = folder_data(data, preprocessing(model_name, weights))
+        dataset = folder_data(data, qz_core.get_model_transforms(model_name, weights))
     out = Path(out_dir or tempfile.mkdtemp(prefix="qz-demo-"))
     out.mkdir(parents=True, exist_ok=True)
 

@@ -9,7 +9,15 @@ from qz_core.fusion import FUSE_LEVELS, fuse_modules, fuse_sequentials, sequenti
 from qz_core.onnx_export import OnnxReport, export_onnx, run_onnx
 from qz_core.partial import FloatIsland, count_float_islands
 from qz_core.qconfig import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS, make_qconfig
-from qz_core.registry import ModelEntry, get_model, get_model_entry, get_model_weights, list_models, register_model
+from qz_core.registry import (
+    ModelEntry,
+    get_model,
+    get_model_entry,
+    get_model_transforms,
+    get_model_weights,
+    list_models,
+    register_model,
+)
 from qz_core.weights import load_state_dict_strict, read_checkpoint, resolve_weights
 from qz_core.workflow import (
     calibrate,
@@ -44,6 +52,7 @@ __all__ = [
     "fuse_sequentials",
     "get_model",
     "get_model_entry",
+    "get_model_transforms",
     "get_model_weights",
     "image_dataset",
     "image_loader",

@@ -17,8 +17,7 @@ from qz_core.data import image_loader
 from qz_core.errors import QzError
 from qz_core.fusion import FUSE_LEVELS
 from qz_core.onnx_export import export_onnx
-from qz_core.registry import TASKS, get_model_entry, list_models
-from qz_core.weights import resolve_weights
+from qz_core.registry import TASKS, get_model_entry, get_model_transforms, list_models
 from qz_core.workflow import calibrate, convert, save_quantized, train_qat
 
 COMMAND_ENTRY_POINT_GROUP = "qz.commands"
@@ -37,16 +36,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def preprocessing(name: str, weights: Any) -> Any:
-    """The input transform for model ``name``: its weights' own, else its family's default."""
-    entry = get_model_entry(name)
-    source = resolve_weights(weights, entry.weights)
-    if source is not None and source.enum_member is not None:
-        return source.enum_member.transforms()
-    default = entry.meta.get("default_transforms")
-    if default is None:
-        raise QzError(f"Model {name!r} has no default preprocessing; pass enum weights such as 'DEFAULT'.")
-    return default()
+preprocessing = get_model_transforms  # the name earlier code used
+
+
+def task_subcommands(sub: argparse._SubParsersAction, command: str) -> argparse._SubParsersAction:
+    """The TASK subparsers of a shared command (``qz eval TASK``) that task packages add to."""
+    parser = sub.choices[command]
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -57,11 +53,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "float_modules": _csv(args.float_modules),
         "quantize_from": args.quantize_from,
     }
-    transform = preprocessing(args.model, args.weights)
+    if args.num_classes is not None:
+        options["num_classes"] = args.num_classes
+    transform = get_model_transforms(args.model, args.weights)
     calib = image_loader(
         args.calib, transform, batch_size=args.batch_size, num_workers=args.workers, purpose="calibration"
     )
-    float_model = entry.builder(weights=args.weights)
+    float_model = entry.builder(weights=args.weights, **({"num_classes": args.num_classes} if args.num_classes else {}))
     model = entry.builder(weights=args.weights, quantize=True, is_qat=args.qat, **options)
     if args.qat:
         loss = entry.meta.get("qat_loss")
@@ -108,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True, help="calibration image folder (flat or one subfolder per class)")
     p.add_argument("--out", required=True, help="output INT8 model file (.pt)")
     p.add_argument("--onnx", help="also export the INT8 model to this ONNX file")
+    p.add_argument("--num-classes", type=int, default=None, help="class count of a checkpoint with its own head")
     p.add_argument("--opset", type=int, default=13)
     p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")
     p.add_argument("--fuse-level", choices=FUSE_LEVELS, default="all")
@@ -123,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("eval", help="evaluate FP32 and INT8 models on a validation set")
+    p.add_subparsers(dest="task", required=True, metavar="TASK")
 
     for ep in entry_points(group=COMMAND_ENTRY_POINT_GROUP):
         ep.load()(sub)

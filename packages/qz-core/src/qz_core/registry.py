@@ -124,6 +124,20 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     return get_model_entry(name).builder(**kwargs)
 
 
+def get_model_transforms(name: str, weights: Any = None) -> Callable[..., Any]:
+    """The input transform of model ``name``: its enum weights' own, else its family's default."""
+    from qz_core.weights import resolve_weights
+
+    entry = get_model_entry(name)
+    source = resolve_weights(weights, entry.weights)
+    if source is not None and source.enum_member is not None:
+        return source.enum_member.transforms()
+    default = entry.meta.get("default_transforms")
+    if default is None:
+        raise QzError(f"Model {name!r} has no default preprocessing; pass enum weights such as 'DEFAULT'.")
+    return default()
+
+
 def get_model_weights(name: str) -> type[WeightsEnum] | None:
     """The torchvision weights enum of model ``name`` (None if it has none)."""
     return get_model_entry(name).weights

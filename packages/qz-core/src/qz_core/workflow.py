@@ -249,7 +249,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QzError(f"{os.fspath(path)!r} is not a qz INT8 model (written by qz_core.save_quantized).")
     recipe = payload["recipe"]
-    options = recipe["options"]
+    # The saved state sets every scale; cheap min/max observers avoid histogram searches at convert.
+    options = {**recipe["options"], "activation_observer": "minmax"}
     model = get_model(
         recipe["name"],
         quantize=True,
