@@ -1,10 +1,15 @@
-"""``qz`` subcommands contributed by qz-classification."""
+"""``qz`` subcommands contributed by qz-classification: ``qz demo`` and ``qz eval classification``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 
 from qz_core.backend import supported_backends
+from qz_core.cli import task_subcommands
+from qz_core.qconfig import ACTIVATION_OBSERVERS
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -24,8 +29,71 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from qz_classification.evaluate import evaluate_classifier
+
+    result = evaluate_classifier(
+        args.model,
+        data=args.data,
+        weights=args.weights,
+        quantize=args.quantize,
+        int8=args.int8,
+        calib=args.calib,
+        calib_batches=args.calib_batches,
+        backend=args.backend,
+        activation_observer=args.activation_observer,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        limit=args.limit,
+        class_index=args.class_index,
+        num_classes=args.num_classes,
+        progress=not args.no_progress,
+    )
+    print()
+    print(result.table())
+    if args.json:
+        text = json.dumps(result.to_dict(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as file:
+                file.write(text + "\n")
+            print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    tasks = task_subcommands(sub, "eval")
+    p = tasks.add_parser(
+        "classification",
+        help="ImageNet top-1/top-5, FP32 vs INT8",
+        description="Top-1/top-5 accuracy on an ImageNet-style validation folder (one folder per synset id, "
+        "n01440764/..., or per class index), FP32 and INT8 side by side.",
+    )
+    p.add_argument("--model", default=None, help="model name (see 'qz list'); optional with --int8")
+    p.add_argument("--weights", default=None, help="weights name (DEFAULT, IMAGENET1K_V1, ...) or float checkpoint")
+    p.add_argument("--data", required=True, help="validation folder: class folders in DIR or DIR/val")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quantize", choices=["ptq"], default=None, help="also quantize (PTQ) and evaluate INT8")
+    mode.add_argument("--int8", default=None, help="evaluate this INT8 model file (from 'qz quantize')")
+    p.add_argument("--calib", default=None, help="calibration folder for --quantize ptq (default: held-out data)")
+    p.add_argument("--calib-batches", type=int, default=16)
+    p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")
+    p.add_argument(
+        "--activation-observer", choices=sorted(ACTIVATION_OBSERVERS), default=None, help="default: the engine's"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N images")
+    p.add_argument("--class-index", default=None, help="file mapping folder names to class indices (other labels)")
+    p.add_argument("--num-classes", type=int, default=None, help="class count of a non-ImageNet checkpoint")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-': stdout)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=_cmd_eval)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Adds ``qz demo`` to the ``qz`` command."""
+    """Adds ``qz demo`` and ``qz eval classification`` to the ``qz`` command."""
     p = sub.add_parser("demo", help="FP32 vs INT8 PTQ vs INT8 QAT on bundled real data (or your folder)")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--weights", default=None, help="e.g. DEFAULT to fine-tune torchvision's pretrained weights")
@@ -37,3 +105,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=supported_backends(), default=None)
     p.add_argument("--out-dir", default=None)
     p.set_defaults(func=_cmd_demo)
+    _add_eval(sub)

@@ -1,14 +1,32 @@
-"""Top-k accuracy of classifiers, FP32 or INT8."""
+"""Top-k accuracy of classifiers, FP32 or INT8, and ImageNet evaluation of a registered model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from qz_core import QzError
+from qz_classification.imagenet import check_class_count, imagenet_folder
+from qz_core import (
+    QzError,
+    calibrate,
+    convert,
+    get_model_entry,
+    get_model_transforms,
+    image_dataset,
+    load_quantized,
+    set_backend,
+)
+from qz_core.errors import invalid_choice
+
+QUANTIZE_MODES = (None, "ptq")
 
 
 @torch.inference_mode()
@@ -35,3 +53,224 @@ def topk_accuracy(
     if total == 0:
         raise QzError("Evaluation saw no images: the data is empty.")
     return {f"top{k}": 100.0 * correct[k] / total for k in topk}
+
+
+@dataclass
+class Accuracy:
+    """Top-1/top-5 accuracy (percent) of one model, with how long the evaluation took."""
+
+    top1: float
+    top5: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ClassificationEval:
+    """FP32 and INT8 accuracy of one classifier on one validation folder.
+
+    Attributes:
+        model: registered model name.
+        weights: the weights evaluated (enum name or checkpoint path), None for random ones.
+        data: the folder holding the class folders.
+        images: number of images evaluated.
+        num_classes: the model's number of outputs.
+        labels: what the folder names are ('ImageNet-1k synset ids', 'class indices', ...).
+        fp32: float accuracy, None when not evaluated.
+        int8: INT8 accuracy, None when not evaluated.
+        int8_source: 'PTQ' or the INT8 model file.
+        backend: quantized engine of the INT8 model.
+        calibration: where the PTQ calibration images came from.
+    """
+
+    model: str
+    weights: str | None
+    data: str
+    images: int
+    num_classes: int
+    labels: str
+    fp32: Accuracy | None = None
+    int8: Accuracy | None = None
+    int8_source: str | None = None
+    backend: str | None = None
+    calibration: str | None = None
+
+    @property
+    def delta(self) -> dict[str, float] | None:
+        """INT8 minus FP32, in accuracy points; None unless both were evaluated."""
+        if self.fp32 is None or self.int8 is None:
+            return None
+        return {"top1": self.int8.top1 - self.fp32.top1, "top5": self.int8.top5 - self.fp32.top5}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return asdict(self) | {"delta": self.delta}
+
+    def table(self) -> str:
+        """The result as a text table: one row per precision, deltas against FP32."""
+        head = f"{self.model} ({self.weights or 'random weights'}) on {self.data}"
+        lines = [head, f"{self.images} images, labels: {self.labels}, {self.num_classes} model classes"]
+        if self.calibration:
+            lines.append(f"calibration: {self.calibration}")
+        header = f"{'model':<18}{'top-1':>8}{'top-5':>8}{'top-1 delta':>13}{'top-5 delta':>13}{'img/s':>9}"
+        lines += ["", header, "-" * len(header)]
+        rows = [("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}".strip(), self.int8)]
+        for name, acc in rows:
+            if acc is None:
+                continue
+            delta = self.delta if acc is self.int8 else None
+            d1, d5 = (f"{delta['top1']:+.2f}", f"{delta['top5']:+.2f}") if delta else ("-", "-")
+            lines.append(f"{name:<18}{acc.top1:>8.2f}{acc.top5:>8.2f}{d1:>13}{d5:>13}{acc.images_per_second:>9.1f}")
+        return "\n".join(lines)
+
+
+def _timed_accuracy(model: nn.Module, data: DataLoader, desc: str, progress: bool) -> Accuracy:
+    start = time.perf_counter()
+    result = topk_accuracy(model, data, (1, 5), desc=desc, progress=progress)
+    seconds = time.perf_counter() - start
+    return Accuracy(result["top1"], result["top5"], len(data.dataset), seconds)
+
+
+@torch.inference_mode()
+def _output_classes(model: nn.Module, image: Tensor) -> int:
+    # One forward pass: the model's true number of outputs, whatever its head is.
+    logits = model.eval()(image.unsqueeze(0))
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise QzError(f"{type(model).__name__} does not return (batch, classes) logits: it is not a classifier.")
+    return logits.shape[1]
+
+
+def _split(size: int, *, hold_out: int, limit: int | None, seed: int) -> tuple[list[int] | None, list[int] | None]:
+    # A seeded shuffle, so held-out and limited subsets span all classes (folders come sorted).
+    if not hold_out and limit is None:
+        return None, None
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    calib, rest = order[:hold_out], order[hold_out:]
+    if limit is not None:
+        rest = rest[:limit]
+    return sorted(calib), sorted(rest)
+
+
+def evaluate_classifier(
+    model: str | None = None,
+    *,
+    data: str | os.PathLike,
+    weights: Any = None,
+    quantize: str | None = None,
+    int8: str | os.PathLike | None = None,
+    calib: str | os.PathLike | None = None,
+    calib_batches: int = 16,
+    backend: str | None = None,
+    activation_observer: str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    limit: int | None = None,
+    class_index: str | os.PathLike | Mapping[str, int] | None = None,
+    num_classes: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> ClassificationEval:
+    """Top-1/top-5 of a classifier on an ImageNet-style validation folder, in FP32 and INT8.
+
+    Args:
+        model: registered model name; optional with ``int8`` (its file names the model).
+        data: class folders named by synset id or class index, in ``data`` or ``data/val``.
+        weights: enum name (``"DEFAULT"``) or float checkpoint; its transforms preprocess the images.
+        quantize: ``"ptq"`` to also quantize the float model (calibrate on ``calib``) and evaluate it.
+        int8: an INT8 model file written by ``qz_core.save_quantized`` to evaluate as the INT8 row.
+        calib: calibration image folder; without it ``calib_batches`` batches of ``data`` are held
+            out (and left out of both evaluations).
+        calib_batches: number of calibration batches.
+        backend: quantized engine for PTQ; the platform's by default.
+        activation_observer: PTQ activation observer (``qz_core.ACTIVATION_OBSERVERS``); the engine's default
+            (histogram) when None.
+        batch_size, workers: data loading.
+        limit: evaluate on this many images (a seeded sample spanning the classes).
+        class_index: folder-name -> index mapping (or file) for label sets other than ImageNet-1k.
+        num_classes: class count of a float checkpoint that is not 1000.
+        progress: show tqdm bars.
+        seed: seed of the held-out and ``limit`` samples.
+
+    Raises:
+        QzError: bad names, folders, files, or classes that do not fit the model.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise invalid_choice("quantize mode", quantize, [m for m in QUANTIZE_MODES if m])
+    if quantize and int8 is not None:
+        raise QzError("Pass quantize='ptq' (quantize the float model here) or an INT8 model file, not both.")
+    for label, value in (
+        ("batch_size", batch_size),
+        ("calib_batches", calib_batches),
+        ("limit", 1 if limit is None else limit),
+    ):
+        if value < 1:
+            raise QzError(f"{label} must be at least 1; got {value}.")
+    int8_model = None
+    if int8 is not None:
+        int8_model = load_quantized(int8)
+        saved = int8_model.qz_recipe["name"]
+        if model is not None and model != saved:
+            raise QzError(f"The INT8 model file {os.fspath(int8)!r} holds {saved!r}, not {model!r}.")
+        model = saved
+    if model is None:
+        raise QzError("Name the model to evaluate (or pass an INT8 model file, which names it).")
+    entry = get_model_entry(model)
+    if entry.task != "classification":
+        raise QzError(f"evaluate_classifier() takes a classification model; {model!r} is a {entry.task} model.")
+
+    transform = get_model_transforms(model, weights)
+    model_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    float_model = None
+    if int8_model is None or weights is not None:
+        float_model = entry.builder(weights=weights, **model_kwargs).eval()
+    dataset = imagenet_folder(data, transform, class_index=class_index)
+    classes = _output_classes(float_model if float_model is not None else int8_model, dataset[0][0])
+    check_class_count(dataset.root, dataset.class_to_idx, dataset.label_source, classes)
+
+    hold_out = 0
+    if quantize and calib is None:
+        if len(dataset) < 2:
+            raise QzError(f"{str(dataset.root)!r} has {len(dataset)} image: too few to hold out calibration images.")
+        hold_out = min(calib_batches * batch_size, len(dataset) // 5) or 1
+    calib_idx, eval_idx = _split(len(dataset), hold_out=hold_out, limit=limit, seed=seed)
+    evaluated = dataset if eval_idx is None else Subset(dataset, eval_idx)
+    loader = DataLoader(evaluated, batch_size=batch_size, num_workers=workers)
+    result = ClassificationEval(
+        model=model,
+        weights=None if weights is None else str(weights),
+        data=str(dataset.root),
+        images=len(evaluated),
+        num_classes=classes,
+        labels=dataset.label_source,
+    )
+    if float_model is not None:
+        result.fp32 = _timed_accuracy(float_model, loader, "FP32", progress)
+    if quantize:
+        options = {"backend": backend, "activation_observer": activation_observer}
+        prepared = entry.builder(weights=weights, quantize=True, **options, **model_kwargs)
+        if calib is None:
+            calib_data = Subset(dataset, calib_idx)
+            result.calibration = (
+                f"{len(calib_idx)} of the {len(dataset)} images of {result.data}, held out (not evaluated)"
+            )
+        else:
+            calib_data = image_dataset(calib, transform, purpose="calibration")
+            result.calibration = f"up to {calib_batches} batches of {batch_size} from {os.fspath(calib)}"
+        generator = torch.Generator().manual_seed(seed)
+        calib_loader = DataLoader(
+            calib_data, batch_size=batch_size, num_workers=workers, shuffle=True, generator=generator
+        )
+        seen = calibrate(prepared, calib_loader, num_batches=calib_batches, progress=progress)
+        result.calibration += f", {seen} batches fed"
+        int8_model = convert(prepared, inplace=True)
+        result.int8_source = "PTQ"
+    elif int8_model is not None:
+        result.int8_source = os.fspath(int8)
+    if int8_model is not None:
+        result.backend = set_backend(int8_model.qz_recipe["options"]["backend"])
+        result.int8 = _timed_accuracy(int8_model, loader, "INT8", progress)
+    return result
