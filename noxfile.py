@@ -63,3 +63,33 @@ def demo(session: nox.Session) -> None:
         *CONSTRAINTS, "-e", str(ROOT / "packages" / "qz-core"), "-e", f"{ROOT / 'packages' / 'qz-classification'}[demo]"
     )
     session.run("qz", "demo", *session.posargs, env=ENV)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """FP32 vs INT8 latency, eager and onnxruntime (args: models, or --all/--task; default --all --torchvision).
+
+    Run it on a quiet machine; add --readme README.md to publish the table.
+    """
+    _install(session, *PACKAGES)
+    args = session.posargs or ["--all", "--torchvision"]
+    session.run("qz", "bench", "--out", str(ROOT / "benchmarks" / "results"), *args, env=ENV)
+
+
+@nox.session
+def support(session: nox.Session) -> None:
+    """Support matrix of every registered model (or those in args); rewrites README.md's support-table block."""
+    _install(session, *PACKAGES)
+    out = str(ROOT / "benchmarks" / "support")
+    session.run("qz", "support", "--out", out, "--readme", str(ROOT / "README.md"), *session.posargs, env=ENV)
+
+
+@nox.session
+def zoo(session: nox.Session) -> None:
+    """Full-zoo sweep: every variant through the whole contract (slow; not part of `tests`)."""
+    _install(session, *PACKAGES)
+    for package in PACKAGES[1:]:
+        # Exit 5 (nothing marked zoo yet) is fine for packages whose models are still to come.
+        session.run(
+            "pytest", str(_test_dir(package)), "-m", "zoo", "-q", *session.posargs, env=ENV, success_codes=[0, 5]
+        )

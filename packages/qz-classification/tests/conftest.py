@@ -21,13 +21,16 @@ def assert_matches_torchvision(name: str, tmp_path, input_size: int = 64, **kwar
     assert float_difference(name, reference, x, tmp_path, **kwargs) == 0.0
 
 
-def assert_fully_supported(name: str, tmp_path, input_size: int = 64, slack: float = 1.5) -> SupportResult:
+def assert_fully_supported(
+    name: str, tmp_path, input_size: int = 64, slack: float = 1.5, **build_kwargs
+) -> SupportResult:
     """PTQ and QAT reach INT8 on x86 and qnnpack; INT8 ONNX runs in onnxruntime and agrees.
 
     Agreement: onnxruntime's INT8 output is about as close to FP32 as PyTorch's INT8 output is
     (within ``slack`` times PyTorch's own INT8 error, plus 2% of the output range).
     """
-    result = probe_model(name, example_input=torch.randn(1, 3, input_size, input_size), work_dir=tmp_path)
+    x = torch.randn(1, 3, input_size, input_size)
+    result = probe_model(name, example_input=x, work_dir=tmp_path, build_kwargs=build_kwargs)
     assert result.errors == {}, result.errors
     assert result.ptq and result.qat
     assert result.engines == {"x86": True, "qnnpack": True}

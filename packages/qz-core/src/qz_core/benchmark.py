@@ -10,6 +10,7 @@ interleaved, round by round, so machine drift hits all alike. ``run_support`` ru
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import platform
@@ -77,6 +78,7 @@ class BenchRow:
     fp32_onnx_mb: float | None = None
     int8_onnx_mb: float | None = None
     peak_rss_mb: float | None = None
+    start_rss_mb: float | None = None
     float_islands: int | None = None
     seconds: float | None = None
     error: str | None = None
@@ -139,6 +141,7 @@ class BenchRow:
             "fp32_onnx_mb": self.fp32_onnx_mb,
             "int8_onnx_mb": self.int8_onnx_mb,
             "peak_rss_mb": self.peak_rss_mb,
+            "start_rss_mb": self.start_rss_mb,
             "float_islands": self.float_islands,
             "rounds": max((lat.runs for lat in self.latency.values()), default=0),
             "seconds": self.seconds,
@@ -192,7 +195,14 @@ def select_models(patterns: Sequence[str] = (), *, task: str | None = None, all_
 
 
 def reset_peak_rss() -> bool:
-    """Resets the process's peak resident memory (Linux); False where the OS cannot."""
+    """Returns freed heap to the OS, then resets the process's peak resident memory (Linux).
+
+    Without the trim, memory the allocator kept from an earlier model would count in the next
+    model's peak. False where the OS cannot reset the peak.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -413,7 +423,8 @@ def run_benchmark(
         bar.set_postfix(model=name)
         start = time.perf_counter()
         row = BenchRow(name, backend=backend, batch_size=batch_size)
-        reset_peak_rss()
+        if reset_peak_rss():
+            row.start_rss_mb = peak_rss_mb()  # right after a reset the peak is the current size
         try:
             entry = get_model_entry(name)
             row.task, row.family = entry.task, str(entry.meta.get("family", ""))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from qz_core import commands
 from qz_core.backend import supported_backends
 from qz_core.bench import model_size_mb
 from qz_core.data import image_loader
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate FP32 and INT8 models on a validation set")
     p.add_subparsers(dest="task", required=True, metavar="TASK")
+    commands.register(sub)  # qz bench, qz support
 
     for ep in entry_points(group=COMMAND_ENTRY_POINT_GROUP):
         ep.load()(sub)

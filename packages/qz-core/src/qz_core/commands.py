@@ -64,7 +64,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     meta["load_average_end"] = machine_info(args.threads, backend)["load_average"]
     paths = write_bench_outputs(rows, args.out, meta)
-    markdown = bench_markdown(rows)
+    markdown = bench_markdown(rows, meta)
     print(markdown)
     print("written: " + ", ".join(str(p) for p in paths.values()))
     _update_readme(args.readme, BENCH_BLOCK, markdown)

@@ -37,6 +37,27 @@ class OnnxReport:
         return text
 
 
+_QUANTIZED_PASSTHROUGH_OPS = ("permute", "gelu", "transpose")
+_symbolics_registered = False
+
+
+def _register_quantized_symbolics() -> None:
+    """Lets the TorchScript exporter take quantized inputs in ops whose stock symbolics reject them.
+
+    Wrapped in ``quantized_args`` they export as DequantizeLinear -> op -> QuantizeLinear with the
+    input's scale, which is what PyTorch's quantized kernels compute; float inputs export as before.
+    """
+    global _symbolics_registered
+    if _symbolics_registered:
+        return
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper, symbolic_opset9
+
+    for op in _QUANTIZED_PASSTHROUGH_OPS:
+        symbolic = symbolic_helper.quantized_args(True)(getattr(symbolic_opset9, op))
+        torch.onnx.register_custom_op_symbolic(f"aten::{op}", symbolic, 9)
+    _symbolics_registered = True
+
+
 def _flatten(output: Any) -> list[np.ndarray]:
     if isinstance(output, Tensor):
         return [output.detach().cpu().numpy()]
@@ -78,6 +99,8 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     quantized = is_quantized(model)
+    if quantized:
+        _register_quantized_symbolics()
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     input_names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     dynamic_axes = {n: {0: "batch"} for n in input_names} if dynamic_batch else None

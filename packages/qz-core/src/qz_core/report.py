@@ -91,7 +91,7 @@ def _plot_ratios(rows: Sequence[BenchRow], path: Path) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(xs), [r.model for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("INT8 / FP32 latency")
-    ax.set_title("INT8 / FP32 latency per model (solid: eager, hatched: deployed = min(eager, ORT))")
+    ax.set_title("INT8 / FP32 latency\nsolid: eager PyTorch; hatched: deployed = min(eager, ORT INT8)", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[f]) for f in families]
     ax.legend(handles, families, title="family", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,17 @@ def read_checkpoint(path: os.PathLike | str) -> dict[str, torch.Tensor]:
             f"Checkpoint {str(path)!r} holds no state dict: expected a mapping of tensor names to tensors, "
             f"or one under {', '.join(repr(k) for k in _CHECKPOINT_KEYS)}."
         )
-    state = dict(payload)
+    # Keep torch's `_metadata` (module versions): some modules load older layouts by version.
+    metadata = getattr(payload, "_metadata", None)
+    state = OrderedDict(payload)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
-        state = {k[len("module.") :]: v for k, v in state.items()}
+        state = OrderedDict((k[len("module.") :], v) for k, v in state.items())
+        if metadata is not None:
+            metadata = OrderedDict(
+                (k[len("module.") :] if k.startswith("module") else k, v) for k, v in metadata.items()
+            )
+    if metadata is not None:
+        state._metadata = metadata
     return state
 
 
@@ -115,7 +124,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     """Loads ``state_dict`` and raises on any missing, unexpected or misshapen key.
 
     Only observer and fake-quant buffers, which a float checkpoint never holds, may be absent.
+    A model may define ``match_checkpoint(state_dict)`` to adapt an older checkpoint layout first.
     """
+    adapt = getattr(model, "match_checkpoint", None)
+    if adapt is not None:
+        adapt(state_dict)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict and not _is_quant_state(k)]
     unexpected = [k for k in state_dict if k not in expected]

@@ -1,1 +1,194 @@
-"""Quantizable mobilenetv3 models (not written yet)."""
+"""Quantizable MobileNetV3 (large and small)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization import DeQuantStub, QuantStub
+from torchvision.models.mobilenetv3 import (
+    InvertedResidual,
+    InvertedResidualConfig,
+    MobileNet_V3_Large_Weights,
+    MobileNet_V3_Small_Weights,
+    MobileNetV3,
+    _mobilenet_v3_conf,
+)
+from torchvision.ops.misc import SqueezeExcitation
+
+from qz_classification._registry import register_classifier
+from qz_core import build_quantizable, fuse_modules, sequential_fusion_groups
+from qz_core.builder import WeightsArg
+from qz_core.fusion import check_fuse_level
+
+__all__ = [
+    "QuantizableInvertedResidual",
+    "QuantizableMobileNetV3",
+    "QuantizableSqueezeExcitation",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+]
+
+
+class QuantizableSqueezeExcitation(SqueezeExcitation):
+    """Squeeze-and-excitation whose channel scaling multiplies through ``FloatFunctional``.
+
+    Hardsigmoid (MobileNetV3's scale activation) has an INT8 kernel with fixed output qparams.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_mul = FloatFunctional()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.skip_mul.mul(self._scale(input), input)
+
+    def fusion_groups(self) -> list[list[str]]:
+        """The squeeze conv and its ReLU (``fc1``, ``activation``) fuse into one ConvReLU2d."""
+        return [["fc1", "activation"]] if type(self.activation) is nn.ReLU else []
+
+
+class QuantizableInvertedResidual(InvertedResidual):
+    """MobileNetV3's InvertedResidual with a quantizable SE and a ``FloatFunctional`` residual add."""
+
+    def __init__(
+        self,
+        cnf: InvertedResidualConfig,
+        norm_layer: Callable[..., nn.Module],
+        se_layer: Callable[..., nn.Module] = partial(QuantizableSqueezeExcitation, scale_activation=nn.Hardsigmoid),
+    ) -> None:
+        super().__init__(cnf, norm_layer, se_layer=se_layer)
+        if self.use_res_connect:
+            self.skip_add = FloatFunctional()
+
+    def forward(self, input: Tensor) -> Tensor:
+        result = self.block(input)
+        if self.use_res_connect:
+            return self.skip_add.add(result, input)
+        return result
+
+
+class QuantizableMobileNetV3(MobileNetV3):
+    """torchvision's MobileNetV3 between a QuantStub and a DeQuantStub."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("block", QuantizableInvertedResidual)
+        super().__init__(*args, **kwargs)
+        self.quant = QuantStub()
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dequant(self._forward_impl(self.quant(x)))
+
+    def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
+        """Fuses conv-bn(-ReLU) and SE fc1-ReLU in the inverted residuals; ``level='all'``: stem and head too.
+
+        Hardswish does not fuse: conv-bn runs before it fuse, and Hardswish runs as its own INT8 op.
+        """
+        if check_fuse_level(level) == "none":
+            return
+        scopes = [(n, m) for n, m in self.named_modules() if isinstance(m, QuantizableInvertedResidual)]
+        if level == "all":
+            scopes = [("", self)]
+        groups = []
+        for name, scope in scopes:
+            groups += sequential_fusion_groups(scope, prefix=name)
+            for se_name, se in scope.named_modules(prefix=name):
+                if isinstance(se, QuantizableSqueezeExcitation):
+                    groups += [[f"{se_name}.{m}" for m in group] for group in se.fusion_groups()]
+        fuse_modules(self, groups, is_qat)
+
+
+def _mobilenet_v3(
+    arch: str,
+    weights_enum: type[MobileNet_V3_Large_Weights | MobileNet_V3_Small_Weights],
+    weights: WeightsArg,
+    progress: bool,
+    quantize: bool,
+    is_qat: bool,
+    skip_fuse: bool,
+    **kwargs: Any,
+) -> QuantizableMobileNetV3:
+    def make_model(**kw: Any) -> QuantizableMobileNetV3:
+        setting, last_channel = _mobilenet_v3_conf(arch, **kw)
+        return QuantizableMobileNetV3(setting, last_channel, **kw)
+
+    return build_quantizable(
+        make_model,
+        weights=weights,
+        weights_enum=weights_enum,
+        progress=progress,
+        quantize=quantize,
+        is_qat=is_qat,
+        skip_fuse=skip_fuse,
+        **kwargs,
+    )
+
+
+@register_classifier("mobilenet_v3_large", MobileNet_V3_Large_Weights, family="mobilenet")
+def mobilenet_v3_large(
+    *,
+    weights: WeightsArg = None,
+    progress: bool = True,
+    quantize: bool = False,
+    is_qat: bool = False,
+    skip_fuse: bool = False,
+    **kwargs: Any,
+) -> QuantizableMobileNetV3:
+    """Quantizable mobilenet_v3_large (torchvision architecture, weights ``MobileNet_V3_Large_Weights``).
+
+    Args:
+        weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
+        progress: show a download progress bar.
+        quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
+        is_qat: prepare for quantization-aware training.
+        skip_fuse: leave fusion to the caller.
+        **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``MobileNetV3`` arguments
+            (``width_mult``, ``reduced_tail``, ``dilated``, ``num_classes``, ``dropout``).
+    """
+    return _mobilenet_v3(
+        "mobilenet_v3_large",
+        MobileNet_V3_Large_Weights,
+        weights,
+        progress,
+        quantize,
+        is_qat,
+        skip_fuse,
+        **kwargs,
+    )
+
+
+@register_classifier("mobilenet_v3_small", MobileNet_V3_Small_Weights, family="mobilenet")
+def mobilenet_v3_small(
+    *,
+    weights: WeightsArg = None,
+    progress: bool = True,
+    quantize: bool = False,
+    is_qat: bool = False,
+    skip_fuse: bool = False,
+    **kwargs: Any,
+) -> QuantizableMobileNetV3:
+    """Quantizable mobilenet_v3_small (torchvision architecture, weights ``MobileNet_V3_Small_Weights``).
+
+    Args:
+        weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
+        progress: show a download progress bar.
+        quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
+        is_qat: prepare for quantization-aware training.
+        skip_fuse: leave fusion to the caller.
+        **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``MobileNetV3`` arguments
+            (``width_mult``, ``reduced_tail``, ``dilated``, ``num_classes``, ``dropout``).
+    """
+    return _mobilenet_v3(
+        "mobilenet_v3_small",
+        MobileNet_V3_Small_Weights,
+        weights,
+        progress,
+        quantize,
+        is_qat,
+        skip_fuse,
+        **kwargs,
+    )

@@ -1,1 +1,188 @@
-"""Quantizable regnet models (not written yet)."""
+"""Quantizable RegNetX and RegNetY (torchvision's 15 variants).
+
+Every op runs in INT8: conv-bn(-relu) fuse, the residual add-and-ReLU goes through
+``FloatFunctional.add_relu`` and RegNetY's squeeze-excitation multiply through
+``FloatFunctional.mul`` (its sigmoid has an INT8 kernel with fixed output scale 1/256).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization import DeQuantStub, QuantStub
+from torchvision.models import regnet as tv
+from torchvision.models.regnet import BlockParams, RegNet, ResBottleneckBlock
+from torchvision.ops.misc import SqueezeExcitation
+
+from qz_classification._registry import register_classifier
+from qz_core import QzError, build_quantizable, fuse_modules, sequential_fusion_groups
+from qz_core.builder import WeightsArg
+
+__all__ = [
+    "QuantizableResBottleneckBlock",
+    "QuantizableRegNet",
+    "QuantizableSqueezeExcitation",
+    "regnet_x_400mf",
+    "regnet_x_800mf",
+    "regnet_x_1_6gf",
+    "regnet_x_3_2gf",
+    "regnet_x_8gf",
+    "regnet_x_16gf",
+    "regnet_x_32gf",
+    "regnet_y_400mf",
+    "regnet_y_800mf",
+    "regnet_y_1_6gf",
+    "regnet_y_3_2gf",
+    "regnet_y_8gf",
+    "regnet_y_16gf",
+    "regnet_y_32gf",
+    "regnet_y_128gf",
+]
+
+
+class QuantizableSqueezeExcitation(SqueezeExcitation):
+    """SqueezeExcitation whose channel multiply runs through ``FloatFunctional``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_mul = FloatFunctional()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.skip_mul.mul(self._scale(input), input)
+
+
+class QuantizableResBottleneckBlock(ResBottleneckBlock):
+    """ResBottleneckBlock with a ``FloatFunctional`` add-ReLU and a quantizable SE."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_relu = FloatFunctional()
+        se = getattr(self.f, "se", None)
+        if se is not None:  # same position and parameter names as torchvision's SE
+            self.f.se = QuantizableSqueezeExcitation(
+                se.fc1.in_channels, se.fc1.out_channels, activation=type(se.activation)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = self.proj(x) if self.proj is not None else x
+        return self.add_relu.add_relu(shortcut, self.f(x))
+
+    def fusion_groups(self) -> list[list[str]]:
+        """Conv-bn(-relu) groups of the projection and the transform, and the SE's fc1-relu."""
+        groups = sequential_fusion_groups(self.f, "f")
+        if self.proj is not None:
+            groups += sequential_fusion_groups(self.proj, "proj")
+        if isinstance(getattr(self.f, "se", None), QuantizableSqueezeExcitation):
+            groups.append(["f.se.fc1", "f.se.activation"])
+        return groups
+
+
+class QuantizableRegNet(RegNet):
+    """torchvision's RegNet between a QuantStub and a DeQuantStub."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("block_type") not in (None, QuantizableResBottleneckBlock):
+            raise QzError(
+                f"Quantizable RegNet uses QuantizableResBottleneckBlock; got block_type={kwargs['block_type']}."
+            )
+        kwargs["block_type"] = QuantizableResBottleneckBlock
+        super().__init__(*args, **kwargs)
+        self.quant = QuantStub()
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dequant(super().forward(self.quant(x)))
+
+    def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
+        """Fuses conv-bn(-relu) in the residual blocks, and with ``level='all'`` the stem too."""
+        groups = sequential_fusion_groups(self.stem, "stem") if level == "all" else []
+        for name, module in self.named_modules():
+            if isinstance(module, QuantizableResBottleneckBlock):
+                groups += [[f"{name}.{m}" for m in group] for group in module.fusion_groups()]
+        fuse_modules(self, groups, is_qat)
+
+
+def _variant(name: str, weights_enum: type, **arch: Any):
+    """Defines and registers the public builder ``name``; ``arch`` are torchvision's BlockParams."""
+
+    def builder(
+        *,
+        weights: WeightsArg = None,
+        progress: bool = True,
+        quantize: bool = False,
+        is_qat: bool = False,
+        skip_fuse: bool = False,
+        **kwargs: Any,
+    ) -> QuantizableRegNet:
+        params = BlockParams.from_init_params(**arch)
+        return build_quantizable(
+            lambda **kw: QuantizableRegNet(params, **kw),
+            weights=weights,
+            weights_enum=weights_enum,
+            progress=progress,
+            quantize=quantize,
+            is_qat=is_qat,
+            skip_fuse=skip_fuse,
+            **kwargs,
+        )
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = (
+        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
+        "Args:\n"
+        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
+        "    progress: show a download progress bar.\n"
+        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
+        "    is_qat: prepare for quantization-aware training.\n"
+        "    skip_fuse: leave fusion to the caller.\n"
+        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``RegNet`` arguments.\n"
+    )
+    return register_classifier(name, weights_enum, family="regnet")(builder)
+
+
+# torchvision's BlockParams.from_init_params arguments, variant by variant.
+regnet_y_400mf = _variant(
+    "regnet_y_400mf", tv.RegNet_Y_400MF_Weights, depth=16, w_0=48, w_a=27.89, w_m=2.09, group_width=8, se_ratio=0.25
+)
+regnet_y_800mf = _variant(
+    "regnet_y_800mf", tv.RegNet_Y_800MF_Weights, depth=14, w_0=56, w_a=38.84, w_m=2.4, group_width=16, se_ratio=0.25
+)
+regnet_y_1_6gf = _variant(
+    "regnet_y_1_6gf", tv.RegNet_Y_1_6GF_Weights, depth=27, w_0=48, w_a=20.71, w_m=2.65, group_width=24, se_ratio=0.25
+)
+regnet_y_3_2gf = _variant(
+    "regnet_y_3_2gf", tv.RegNet_Y_3_2GF_Weights, depth=21, w_0=80, w_a=42.63, w_m=2.66, group_width=24, se_ratio=0.25
+)
+regnet_y_8gf = _variant(
+    "regnet_y_8gf", tv.RegNet_Y_8GF_Weights, depth=17, w_0=192, w_a=76.82, w_m=2.19, group_width=56, se_ratio=0.25
+)
+regnet_y_16gf = _variant(
+    "regnet_y_16gf", tv.RegNet_Y_16GF_Weights, depth=18, w_0=200, w_a=106.23, w_m=2.48, group_width=112, se_ratio=0.25
+)
+regnet_y_32gf = _variant(
+    "regnet_y_32gf", tv.RegNet_Y_32GF_Weights, depth=20, w_0=232, w_a=115.89, w_m=2.53, group_width=232, se_ratio=0.25
+)
+regnet_y_128gf = _variant(
+    "regnet_y_128gf", tv.RegNet_Y_128GF_Weights, depth=27, w_0=456, w_a=160.83, w_m=2.52, group_width=264, se_ratio=0.25
+)
+regnet_x_400mf = _variant(
+    "regnet_x_400mf", tv.RegNet_X_400MF_Weights, depth=22, w_0=24, w_a=24.48, w_m=2.54, group_width=16
+)
+regnet_x_800mf = _variant(
+    "regnet_x_800mf", tv.RegNet_X_800MF_Weights, depth=16, w_0=56, w_a=35.73, w_m=2.28, group_width=16
+)
+regnet_x_1_6gf = _variant(
+    "regnet_x_1_6gf", tv.RegNet_X_1_6GF_Weights, depth=18, w_0=80, w_a=34.01, w_m=2.25, group_width=24
+)
+regnet_x_3_2gf = _variant(
+    "regnet_x_3_2gf", tv.RegNet_X_3_2GF_Weights, depth=25, w_0=88, w_a=26.31, w_m=2.25, group_width=48
+)
+regnet_x_8gf = _variant("regnet_x_8gf", tv.RegNet_X_8GF_Weights, depth=23, w_0=80, w_a=49.56, w_m=2.88, group_width=120)
+regnet_x_16gf = _variant(
+    "regnet_x_16gf", tv.RegNet_X_16GF_Weights, depth=22, w_0=216, w_a=55.59, w_m=2.1, group_width=128
+)
+regnet_x_32gf = _variant(
+    "regnet_x_32gf", tv.RegNet_X_32GF_Weights, depth=23, w_0=320, w_a=69.86, w_m=2.0, group_width=168
+)
