@@ -124,7 +124,7 @@ def build_quantizable(
     """
     options = QuantOptions.pop_from(kwargs)
     source = resolve_weights(weights, weights_enum)
-    if source is not None and set_num_classes and "categories" in source.meta:
+    if source is not None and set_num_classes and source.meta.get("categories") is not None:
         expected = len(source.meta["categories"])
         given = kwargs.setdefault("num_classes", expected)
         if given != expected:

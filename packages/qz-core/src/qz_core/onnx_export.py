@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,23 @@ def _register_quantized_symbolics() -> None:
     for op in _QUANTIZED_PASSTHROUGH_OPS:
         symbolic = symbolic_helper.quantized_args(True)(getattr(symbolic_opset9, op))
         torch.onnx.register_custom_op_symbolic(f"aten::{op}", symbolic, 9)
+    # Quantized BatchNorm (a BN-ReLU with no conv before it, as in DenseNet) has no stock symbolic.
+    torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d", _quantized_batch_norm(relu=False), 10)
+    torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d_relu", _quantized_batch_norm(relu=True), 10)
     _symbolics_registered = True
+
+
+def _quantized_batch_norm(relu: bool) -> Callable[..., Any]:
+    """Symbolic for quantized::batch_norm2d(_relu): DequantizeLinear -> BatchNormalization [-> Relu] -> Q."""
+    from torch.onnx import symbolic_helper as sh
+
+    @sh.parse_args("v", "v", "v", "v", "v", "f", "v", "v")
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float, scale: Any, zp: Any) -> Any:
+        x, _, _, _ = sh.dequantize_helper(g, x)
+        out = g.op("BatchNormalization", x, weight, bias, mean, var, epsilon_f=eps)
+        return sh.quantize_helper(g, g.op("Relu", out) if relu else out, scale, zp)
+
+    return symbolic
 
 
 def _flatten(output: Any) -> list[np.ndarray]:

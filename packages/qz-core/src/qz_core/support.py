@@ -113,13 +113,16 @@ def probe_model(
     generator = torch.Generator().manual_seed(0)
     x = example_input if example_input is not None else torch.randn(1, 3, *entry.input_size, generator=generator)
     batches = [torch.randn(x.shape, generator=generator) for _ in range(max(calib_batches, 2))]
+    # BatchNorm statistics need more than one value per channel, even behind 1x1 feature maps.
+    bn_shape = (max(2, x.shape[0]), *x.shape[1:])
+    bn_batches = [torch.randn(bn_shape, generator=generator) for _ in range(len(batches))]
     work = Path(work_dir or tempfile.mkdtemp(prefix="qz-probe-"))
     work.mkdir(parents=True, exist_ok=True)
 
     float_model = _step(result, "build", lambda: entry.builder(**kwargs))
     if float_model is None:
         return result
-    estimate_bn_stats(float_model, batches)
+    estimate_bn_stats(float_model, bn_batches)
     checkpoint = work / f"{name}_fp32.pth"
     torch.save(float_model.state_dict(), checkpoint)
     with torch.no_grad():

@@ -17,6 +17,8 @@ from qz_core.errors import QzError, invalid_choice
 
 # Buffers that prepare()/prepare_qat() add; a float checkpoint never has them.
 _QUANT_STATE_MARKERS = ("activation_post_process", "weight_fake_quant", "fake_quant")
+# BatchNorm fills in a missing counter itself (checkpoints from before it existed lack it).
+_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 _CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict")
 
 
@@ -130,7 +132,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     if adapt is not None:
         adapt(state_dict)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not _is_quant_state(k)]
+    missing = [
+        k for k in expected if k not in state_dict and not _is_quant_state(k) and not k.endswith(_OPTIONAL_SUFFIXES)
+    ]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"

@@ -1,0 +1,39 @@
+"""Quantizable stand-ins for float layers that have no INT8 kernel of their own."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.ao.nn.quantized import FloatFunctional
+
+
+class QuantizableSiLU(nn.Module):
+    """SiLU that becomes ``x * sigmoid(x)`` (INT8 sigmoid and multiply) once prepared for quantization.
+
+    Until ``prepare``/``prepare_qat`` replaces the identity ``activation_post_process`` of ``mul``
+    with an observer, it calls ``F.silu``, so the float model stays bit-exact with torchvision's.
+    """
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.sigmoid = nn.Sigmoid()
+        self.mul = FloatFunctional()
+
+    def is_float(self) -> bool:
+        """True until the module is prepared (observed or fake-quantized) or converted."""
+        return type(self.mul) is FloatFunctional and type(self.mul.activation_post_process) is nn.Identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_float():
+            return F.silu(x, inplace=self.inplace)
+        return self.mul.mul(x, self.sigmoid(x))
+
+
+def replace_silu(module: nn.Module) -> None:
+    """Swaps every ``nn.SiLU`` below ``module`` for ``QuantizableSiLU`` (SiLU holds no state)."""
+    for name, child in module.named_children():
+        if type(child) is nn.SiLU:
+            setattr(module, name, QuantizableSiLU(inplace=child.inplace))
+        else:
+            replace_silu(child)
