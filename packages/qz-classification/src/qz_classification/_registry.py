@@ -9,7 +9,8 @@ from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms._presets import ImageClassification
 
-from qz_core import register_model
+from qz_core import QzError, build_quantizable, register_model
+from qz_core.builder import WeightsArg
 
 
 def imagenet_transforms(crop_size: int = 224, resize_size: int = 256) -> ImageClassification:
@@ -31,3 +32,61 @@ def register_classifier(
         qat_loss=nn.CrossEntropyLoss,
         **meta,
     )
+
+
+_BUILDER_DOC = """Quantizable {name} (torchvision architecture, weights ``{weights}``).
+
+Args:
+    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
+    progress: show a download progress bar.
+    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
+    is_qat: prepare for quantization-aware training.
+    skip_fuse: leave fusion to the caller.
+    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``{architecture}`` arguments.
+"""
+
+
+def define_classifier(
+    name: str,
+    weights_enum: type[WeightsEnum],
+    family: str,
+    make_model: Callable[..., nn.Module],
+    *,
+    architecture: str,
+    fixed: dict[str, Any] | None = None,
+) -> Callable[..., nn.Module]:
+    """Defines and registers the public builder ``name`` with the seed signature.
+
+    Args:
+        make_model: builds the unfused quantizable model from the remaining keyword arguments.
+        architecture: the torchvision class whose arguments ``**kwargs`` takes (for the docstring).
+        fixed: arguments this variant sets (ResNeXt's ``groups``); a different value is an error.
+    """
+    fixed = dict(fixed or {})
+
+    def builder(
+        *,
+        weights: WeightsArg = None,
+        progress: bool = True,
+        quantize: bool = False,
+        is_qat: bool = False,
+        skip_fuse: bool = False,
+        **kwargs: Any,
+    ) -> nn.Module:
+        for key, value in fixed.items():
+            if kwargs.setdefault(key, value) != value:
+                raise QzError(f"{name} has {key}={value}; got {key}={kwargs[key]}.")
+        return build_quantizable(
+            make_model,
+            weights=weights,
+            weights_enum=weights_enum,
+            progress=progress,
+            quantize=quantize,
+            is_qat=is_qat,
+            skip_fuse=skip_fuse,
+            **kwargs,
+        )
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = _BUILDER_DOC.format(name=name, weights=weights_enum.__name__, architecture=architecture)
+    return register_classifier(name, weights_enum, family=family)(builder)

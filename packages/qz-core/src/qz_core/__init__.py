@@ -6,7 +6,7 @@ from qz_core.builder import QuantOptions, build_quantizable, prepare_quantizable
 from qz_core.data import image_dataset, image_loader
 from qz_core.errors import QzError
 from qz_core.fusion import FUSE_LEVELS, fuse_modules, fuse_sequentials, sequential_fusion_groups
-from qz_core.modules import QuantizableSiLU, replace_silu
+from qz_core.modules import QuantizableSiLU, QuantizableSqueezeExcitation, replace_silu
 from qz_core.onnx_export import OnnxReport, export_onnx, run_onnx
 from qz_core.partial import FloatIsland, count_float_islands
 from qz_core.qconfig import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS, make_qconfig
@@ -42,6 +42,7 @@ __all__ = [
     "OnnxReport",
     "QuantOptions",
     "QuantizableSiLU",
+    "QuantizableSqueezeExcitation",
     "QzError",
     "build_quantizable",
     "calibrate",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.ao.nn.quantized import FloatFunctional
+from torchvision.ops.misc import SqueezeExcitation
 
 
 class QuantizableSiLU(nn.Module):
@@ -37,3 +40,21 @@ def replace_silu(module: nn.Module) -> None:
             setattr(module, name, QuantizableSiLU(inplace=child.inplace))
         else:
             replace_silu(child)
+
+
+class QuantizableSqueezeExcitation(SqueezeExcitation):
+    """torchvision's squeeze-excitation whose channel scaling multiplies through ``FloatFunctional``.
+
+    Its scale activation (sigmoid, hardsigmoid) has an INT8 kernel; ``scale * input`` does not.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_mul = FloatFunctional()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.skip_mul.mul(self._scale(input), input)
+
+    def fusion_groups(self) -> list[list[str]]:
+        """The squeeze conv and its ReLU (``fc1``, ``activation``) fuse into one ConvReLU2d."""
+        return [["fc1", "activation"]] if type(self.activation) is nn.ReLU else []

@@ -16,12 +16,11 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import efficientnet as tv
 from torchvision.models.efficientnet import EfficientNet, FusedMBConv, MBConv
-from torchvision.ops.misc import SqueezeExcitation
 
 from qz_classification._registry import register_classifier
 from qz_core import QzError, build_quantizable, fuse_modules, sequential_fusion_groups
 from qz_core.builder import WeightsArg
-from qz_core.modules import QuantizableSiLU, replace_silu
+from qz_core.modules import QuantizableSiLU, QuantizableSqueezeExcitation, replace_silu
 
 __all__ = [
     "QuantizableEfficientNet",
@@ -41,17 +40,6 @@ __all__ = [
     "efficientnet_v2_m",
     "efficientnet_v2_l",
 ]
-
-
-class QuantizableSqueezeExcitation(SqueezeExcitation):
-    """Squeeze-excitation whose ``scale * input`` runs through ``FloatFunctional.mul``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.skip_mul = FloatFunctional()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self.skip_mul.mul(self._scale(input), input)
 
 
 class QuantizableMBConv(MBConv):

@@ -17,12 +17,12 @@ from torchvision.models.mobilenetv3 import (
     MobileNetV3,
     _mobilenet_v3_conf,
 )
-from torchvision.ops.misc import SqueezeExcitation
 
 from qz_classification._registry import register_classifier
 from qz_core import build_quantizable, fuse_modules, sequential_fusion_groups
 from qz_core.builder import WeightsArg
 from qz_core.fusion import check_fuse_level
+from qz_core.modules import QuantizableSqueezeExcitation
 
 __all__ = [
     "QuantizableInvertedResidual",
@@ -31,24 +31,6 @@ __all__ = [
     "mobilenet_v3_large",
     "mobilenet_v3_small",
 ]
-
-
-class QuantizableSqueezeExcitation(SqueezeExcitation):
-    """Squeeze-and-excitation whose channel scaling multiplies through ``FloatFunctional``.
-
-    Hardsigmoid (MobileNetV3's scale activation) has an INT8 kernel with fixed output qparams.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.skip_mul = FloatFunctional()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self.skip_mul.mul(self._scale(input), input)
-
-    def fusion_groups(self) -> list[list[str]]:
-        """The squeeze conv and its ReLU (``fc1``, ``activation``) fuse into one ConvReLU2d."""
-        return [["fc1", "activation"]] if type(self.activation) is nn.ReLU else []
 
 
 class QuantizableInvertedResidual(InvertedResidual):

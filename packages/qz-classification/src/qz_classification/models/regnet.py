@@ -7,18 +7,18 @@ Every op runs in INT8: conv-bn(-relu) fuse, the residual add-and-ReLU goes throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import regnet as tv
 from torchvision.models.regnet import BlockParams, RegNet, ResBottleneckBlock
-from torchvision.ops.misc import SqueezeExcitation
 
-from qz_classification._registry import register_classifier
-from qz_core import QzError, build_quantizable, fuse_modules, sequential_fusion_groups
-from qz_core.builder import WeightsArg
+from qz_classification._registry import define_classifier
+from qz_core import QzError, fuse_modules, sequential_fusion_groups
+from qz_core.modules import QuantizableSqueezeExcitation
 
 __all__ = [
     "QuantizableResBottleneckBlock",
@@ -40,17 +40,6 @@ __all__ = [
     "regnet_y_32gf",
     "regnet_y_128gf",
 ]
-
-
-class QuantizableSqueezeExcitation(SqueezeExcitation):
-    """SqueezeExcitation whose channel multiply runs through ``FloatFunctional``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.skip_mul = FloatFunctional()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self.skip_mul.mul(self._scale(input), input)
 
 
 class QuantizableResBottleneckBlock(ResBottleneckBlock):
@@ -104,42 +93,15 @@ class QuantizableRegNet(RegNet):
         fuse_modules(self, groups, is_qat)
 
 
-def _variant(name: str, weights_enum: type, **arch: Any):
+def _variant(name: str, weights_enum: type, **arch: Any) -> Callable[..., nn.Module]:
     """Defines and registers the public builder ``name``; ``arch`` are torchvision's BlockParams."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableRegNet:
-        params = BlockParams.from_init_params(**arch)
-        return build_quantizable(
-            lambda **kw: QuantizableRegNet(params, **kw),
-            weights=weights,
-            weights_enum=weights_enum,
-            progress=progress,
-            quantize=quantize,
-            is_qat=is_qat,
-            skip_fuse=skip_fuse,
-            **kwargs,
-        )
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``RegNet`` arguments.\n"
+    return define_classifier(
+        name,
+        weights_enum,
+        "regnet",
+        lambda **kw: QuantizableRegNet(BlockParams.from_init_params(**arch), **kw),
+        architecture="RegNet",
     )
-    return register_classifier(name, weights_enum, family="regnet")(builder)
 
 
 # torchvision's BlockParams.from_init_params arguments, variant by variant.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -10,9 +11,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import resnet as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from qz_classification._registry import register_classifier
-from qz_core import QzError, build_quantizable, fuse_modules
-from qz_core.builder import WeightsArg
+from qz_classification._registry import define_classifier
+from qz_core import fuse_modules
 
 __all__ = [
     "QuantizableBasicBlock",
@@ -94,58 +94,15 @@ class QuantizableResNet(ResNet):
         fuse_modules(self, groups, is_qat)
 
 
-def _resnet(
-    block: type[BasicBlock | Bottleneck],
-    layers: list[int],
-    weights_enum: type[tv.WeightsEnum],
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
-) -> QuantizableResNet:
-    return build_quantizable(
+def _variant(name: str, block: type, layers: list[int], weights_enum: type, **arch: Any) -> Callable[..., nn.Module]:
+    return define_classifier(
+        name,
+        weights_enum,
+        "resnet",
         lambda **kw: QuantizableResNet(block, layers, **kw),
-        weights=weights,
-        weights_enum=weights_enum,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
+        architecture="ResNet",
+        fixed=arch,
     )
-
-
-def _variant(name: str, block: type, layers: list[int], weights_enum: type, **arch: Any):
-    """Defines and registers the public builder ``name`` with the seed signature."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableResNet:
-        for key, value in arch.items():
-            if kwargs.setdefault(key, value) != value:
-                raise QzError(f"{name} has {key}={value}; got {key}={kwargs[key]}.")
-        return _resnet(block, layers, weights_enum, weights, progress, quantize, is_qat, skip_fuse, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``ResNet`` arguments.\n"
-    )
-    return register_classifier(name, weights_enum, family="resnet")(builder)
 
 
 _QB, _QN = QuantizableBasicBlock, QuantizableBottleneck
