@@ -14,7 +14,15 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 
 from qz_core import QzError, build_quantizable, fuse_modules, get_model_entry, register_model
 from qz_core.bench import Latency
-from qz_core.benchmark import BenchRow, run_benchmark, run_support, select_models, torchvision_int8
+from qz_core.benchmark import (
+    ORT_OWN,
+    BenchRow,
+    ort_quantize,
+    run_benchmark,
+    run_support,
+    select_models,
+    torchvision_int8,
+)
 from qz_core.commands import register
 from qz_core.report import bench_markdown, replace_block, support_markdown, update_readme_block, write_bench_outputs
 
@@ -79,14 +87,14 @@ _register_once(BROKEN, _broken)
 
 @pytest.fixture(scope="module")
 def bench_rows() -> list[BenchRow]:
-    return run_benchmark([TINY, BROKEN], rounds=3, warmup=1, calib_batches=2, progress=False)
+    return run_benchmark([TINY, BROKEN], rounds=3, warmup=1, calib_batches=2, ort_quantize=True, progress=False)
 
 
 def test_run_benchmark_times_every_runner(bench_rows: list[BenchRow]) -> None:
     tiny = bench_rows[0]
     assert [r.model for r in bench_rows] == [TINY, BROKEN]
     assert tiny.error is None, tiny.error
-    assert set(tiny.latency) == {"fp32", "int8", "ort_fp32", "ort_int8"}
+    assert set(tiny.latency) == {"fp32", "int8", "ort_fp32", "ort_int8", *ORT_OWN}, tiny.notes
     assert all(lat.runs == 3 and lat.p10_ms <= lat.median_ms <= lat.p90_ms for lat in tiny.latency.values())
     assert tiny.eager_ratio == pytest.approx(tiny.ms("int8") / tiny.ms("fp32"))
     best = min(tiny.ms("int8"), tiny.ms("ort_int8"))
@@ -96,11 +104,48 @@ def test_run_benchmark_times_every_runner(bench_rows: list[BenchRow]) -> None:
     assert (tiny.family, tiny.input_size, tiny.batch_size) == ("qz_test", (32, 32), 1)
 
 
+def test_ort_own_quantization_is_timed_with_the_rest(bench_rows: list[BenchRow]) -> None:
+    tiny = bench_rows[0]
+    assert all(tiny.ms(k) > 0 and tiny.latency[k].runs == 3 for k in ORT_OWN)
+    assert tiny.ort_u8s8_key in ("ort_u8s8_qdq", "ort_u8s8_qop")
+    assert tiny.ms(tiny.ort_u8s8_key) == min(tiny.ms("ort_u8s8_qdq"), tiny.ms("ort_u8s8_qop"))
+    assert tiny.ort_u8s8_format == {"ort_u8s8_qdq": "QDQ", "ort_u8s8_qop": "QOperator"}[tiny.ort_u8s8_key]
+    assert tiny.ort_own_best_ms == min(tiny.ms(k) for k in ORT_OWN)
+    assert tiny.ort_own_ratio == pytest.approx(tiny.ms("ort_int8") / tiny.ort_own_best_ms)
+    record = tiny.as_dict()
+    assert record["ort_s8s8_ms"] > 0 and record["ort_u8s8_ms"] == tiny.ms(tiny.ort_u8s8_key)
+    assert record["qz_as_fast_as_ort_own"] == (tiny.ort_own_ratio <= 1)
+
+
+def test_ort_quantize_writes_the_configured_types(tmp_path) -> None:
+    import onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    fp32 = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), str(fp32), input_names=["input"], dynamo=False)
+    batches = [torch.randn(2, 3, 8, 8)]
+    ops = {}
+    for key in ORT_OWN:
+        graph = onnx.load(str(ort_quantize(fp32, tmp_path / f"{key}.onnx", batches, key))).graph
+        ops[key] = {n.op_type for n in graph.node}
+        scales = [t for t in graph.initializer if "scale" in t.name and len(t.dims) == 1 and t.dims[0] == 4]
+        assert bool(scales) == ORT_OWN[key][2], key  # per-channel weight scales only where configured
+        quant_input = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        zero_point = next(t for t in graph.initializer if t.name == quant_input.input[2])
+        assert zero_point.data_type == getattr(onnx.TensorProto, ORT_OWN[key][0].removeprefix("Q").upper()), key
+    assert "QuantizeLinear" in ops["ort_s8s8"] and "QLinearConv" in ops["ort_u8s8_qop"]
+    with pytest.raises(QzError, match="Invalid onnxruntime quantization 'u8u8'"):
+        ort_quantize(fp32, tmp_path / "x.onnx", batches, "u8u8")
+    with pytest.raises(QzError, match="ort_quantize needs ort=True"):
+        run_benchmark([TINY], ort=False, ort_quantize=True, progress=False)
+
+
 def test_failing_model_is_an_error_row_and_fp32_is_still_timed(bench_rows: list[BenchRow]) -> None:
     broken = bench_rows[1]
     assert "deliberately broken" in broken.error
     assert "int8" not in broken.latency and broken.ms("fp32") > 0
     assert broken.eager_ratio is None and broken.deployed_ratio is None
+    assert broken.ort_own_best_ms > 0 and broken.ort_own_ratio is None  # ORT's own INT8 needs only the FP32 file
 
 
 def test_unknown_model_is_an_error_row() -> None:
@@ -119,6 +164,9 @@ def test_bench_outputs_written(bench_rows: list[BenchRow], tmp_path) -> None:
     assert payload["meta"]["threads"] == 1 and payload["rows"][0]["int8_onnx_mb"] > 0
     markdown = paths["markdown"].read_text()
     assert "| Model | before (ms) | after (ms) | ratio | ORT FP32 (ms) | ORT INT8 (ms) |" in markdown
+    assert "| ORT own S8S8 (ms) | ORT own U8S8 (ms) | U8S8 format | qz / ORT own | qz as fast |" in markdown
+    assert float(records[0]["ort_u8s8_qop_ms"]) > 0 and records[0]["ort_u8s8_format"] in ("QDQ", "QOperator")
+    assert set(ORT_OWN) <= set(payload["runners"])
     assert f"| {BROKEN} |" in markdown and "error" in markdown
     for key in ("ratio_png", "size_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -129,6 +177,15 @@ def test_bench_markdown_values() -> None:
     row.latency["ort_int8"] = Latency(2.5, 2.0, 3.0, 5)
     line = next(ln for ln in bench_markdown([row]).splitlines() if ln.startswith("| m |"))
     assert line.startswith("| m | 10.00 | 4.00 | 0.40 | - | 2.50 | 0.25 |")
+    assert "ORT own" not in bench_markdown([row])
+    row.latency |= {"ort_s8s8": Latency(6.0, 5, 7, 5), "ort_u8s8_qdq": Latency(2.4, 2, 3, 5)}
+    row.latency["ort_u8s8_qop"] = Latency(2.0, 1.5, 2.5, 5)
+    lines = bench_markdown([row]).splitlines()
+    assert lines[0].endswith(
+        "| ORT own S8S8 (ms) | ORT own U8S8 (ms) | U8S8 format | qz / ORT own | qz as fast | FP32 (MB) | INT8 (MB) |"
+    )
+    line = next(ln for ln in lines if ln.startswith("| m |"))
+    assert "| 0.25 | 6.00 | 2.00 | QOperator | 1.25 | N |" in line
 
 
 def test_torchvision_int8_runs_with_the_same_weights() -> None:

@@ -3,8 +3,10 @@
 ``run_benchmark`` builds each model (random weights with BatchNorm statistics re-estimated, or
 given weights), PTQ-calibrates and converts it, exports FP32 and INT8 ONNX, then times FP32 eager,
 INT8 eager, FP32 and INT8 in onnxruntime (and torchvision's own INT8 model where one exists)
-interleaved, round by round, so machine drift hits all alike. ``run_support`` runs
-``probe_model`` on every model. Nothing in the tables they feed is written by hand.
+interleaved, round by round, so machine drift hits all alike. With ``ort_quantize`` it also
+quantizes the FP32 ONNX file with onnxruntime's own ``quantize_static`` (``ORT_OWN``) and times
+those files in the same rounds, so qz's INT8 ONNX is measured against ORT's best own INT8 file.
+``run_support`` runs ``probe_model`` on every model. Nothing in the tables they feed is written by hand.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ RUNNERS = {
     "ort_fp32": "ORT FP32",
     "ort_int8": "ORT INT8",
     "tv_int8": "torchvision INT8",
+    "ort_s8s8": "ORT own S8S8",
+    "ort_u8s8_qdq": "ORT own U8S8 QDQ",
+    "ort_u8s8_qop": "ORT own U8S8 QOperator",
+}
+
+# onnxruntime.quantization.quantize_static settings, by runner key: (activation, weight, per_channel, format).
+# S8S8 is quantize_static's defaults; U8S8 per-channel is ORT's advice for x86 (reduce_range off: VNNI
+# CPUs do not saturate), in both formats since which one is faster depends on the model and CPU.
+ORT_OWN = {
+    "ort_s8s8": ("QInt8", "QInt8", False, "QDQ"),
+    "ort_u8s8_qdq": ("QUInt8", "QInt8", True, "QDQ"),
+    "ort_u8s8_qop": ("QUInt8", "QInt8", True, "QOperator"),
 }
 
 # torchvision.models.quantization builders, by their (and qz's) model name.
@@ -110,6 +124,29 @@ class BenchRow:
         return _ratio(self.ms("int8"), self.ms("tv_int8"))
 
     @property
+    def ort_u8s8_key(self) -> str | None:
+        """The faster of the timed ORT own U8S8 formats ("ort_u8s8_qdq" or "ort_u8s8_qop"), None if neither ran."""
+        timed = [k for k in ("ort_u8s8_qdq", "ort_u8s8_qop") if k in self.latency]
+        return min(timed, key=self.ms) if timed else None
+
+    @property
+    def ort_u8s8_format(self) -> str | None:
+        """The format of the faster ORT own U8S8 file: "QDQ" or "QOperator"."""
+        key = self.ort_u8s8_key
+        return None if key is None else ORT_OWN[key][3]
+
+    @property
+    def ort_own_best_ms(self) -> float | None:
+        """The fastest of onnxruntime's own INT8 files (S8S8 and U8S8 in either format), median ms."""
+        timed = [self.ms(k) for k in ORT_OWN if k in self.latency]
+        return min(timed) if timed else None
+
+    @property
+    def ort_own_ratio(self) -> float | None:
+        """qz's ORT INT8 / the best ORT own INT8 (at most 1: qz's INT8 ONNX is at least as fast)."""
+        return _ratio(self.ms("ort_int8"), self.ort_own_best_ms)
+
+    @property
     def size_ratio(self) -> float | None:
         """INT8 / FP32 state-dict size."""
         return _ratio(self.int8_mb, self.fp32_mb)
@@ -135,6 +172,11 @@ class BenchRow:
             "deployed_ratio": self.deployed_ratio,
             "ort_ratio": self.ort_ratio,
             "torchvision_ratio": self.torchvision_ratio,
+            "ort_u8s8_ms": self.ms(self.ort_u8s8_key) if self.ort_u8s8_key else None,
+            "ort_u8s8_format": self.ort_u8s8_format,
+            "ort_own_best_ms": self.ort_own_best_ms,
+            "ort_own_ratio": self.ort_own_ratio,
+            "qz_as_fast_as_ort_own": None if self.ort_own_ratio is None else self.ort_own_ratio <= 1,
             "fp32_mb": self.fp32_mb,
             "int8_mb": self.int8_mb,
             "size_ratio": self.size_ratio,
@@ -268,6 +310,74 @@ def _ort_runner(session: Any, x: Tensor) -> Callable[[], Any]:
     return lambda: session.run(None, feeds)
 
 
+class _CalibrationReader:
+    """An onnxruntime ``CalibrationDataReader`` (duck-typed: it checks for ``get_next``) over tensors.
+
+    Batches are cut to the model's fixed batch size, so the FP32 file exported at batch 1 sees the
+    same images qz's PTQ calibrated on.
+    """
+
+    def __init__(self, input_name: str, batch_dim: Any, batches: Sequence[Tensor]) -> None:
+        if isinstance(batch_dim, int) and batch_dim > 0:
+            batches = [b for batch in batches for b in batch.split(batch_dim) if len(b) == batch_dim]
+        self._feeds = iter([{input_name: b.numpy()} for b in batches])
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._feeds, None)
+
+
+def ort_quantize(
+    fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Sequence[Tensor], key: str
+) -> Path:
+    """Quantizes an FP32 ONNX file with onnxruntime's ``quantize_static`` as configured in ``ORT_OWN[key]``.
+
+    Calibration is MinMax (quantize_static's default) on ``batches``; returns ``out_path``.
+
+    Raises:
+        QzError: ``key`` is not in ``ORT_OWN``.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if key not in ORT_OWN:
+        raise invalid_choice("onnxruntime quantization", key, ORT_OWN)
+    activation, weight, per_channel, quant_format = ORT_OWN[key]
+    graph_input = onnx.load(os.fspath(fp32_path), load_external_data=False).graph.input[0]
+    batch_dim = graph_input.type.tensor_type.shape.dim[0]
+    reader = _CalibrationReader(graph_input.name, batch_dim.dim_value or None, batches)
+    quantize_static(
+        os.fspath(fp32_path),
+        os.fspath(out_path),
+        reader,
+        quant_format=getattr(QuantFormat, quant_format),
+        per_channel=per_channel,
+        activation_type=getattr(QuantType, activation),
+        weight_type=getattr(QuantType, weight),
+    )
+    return Path(out_path)
+
+
+def _ort_own_runners(
+    name: str, fp32_path: Path, batches: Sequence[Tensor], x: Tensor, threads: int, note: Callable[..., Any]
+) -> dict[str, Callable[[], Any]]:
+    """onnxruntime's own INT8 files of ``fp32_path``, as runners; a failed step is a note under its key."""
+    from onnxruntime.quantization import quant_pre_process
+
+    def pre_process() -> Path:  # shape inference + optimization before quantizing, as ORT advises
+        out = fp32_path.with_name(f"{name}_ort_pre.onnx")
+        quant_pre_process(os.fspath(fp32_path), os.fspath(out))
+        return out
+
+    source = note("ort_pre_process", pre_process) or fp32_path
+    runners = {}
+    for key in ORT_OWN:
+        path = note(key, lambda k=key: ort_quantize(source, fp32_path.with_name(f"{name}_{k}.onnx"), batches, k))
+        session = None if path is None else note(key, lambda p=path: ort_session(p, threads))
+        if session is not None:
+            runners[key] = _ort_runner(session, x)
+    return runners
+
+
 def torchvision_int8(
     name: str, state_dict: dict[str, Tensor], batches: Sequence[Tensor], backend: str, **kwargs: Any
 ) -> nn.Module:
@@ -310,6 +420,7 @@ def _bench_one(
     warmup: int,
     rounds: int,
     ort: bool,
+    ort_quantize: bool,
     compare_torchvision: bool,
     work: Path,
     build_kwargs: dict[str, Any],
@@ -366,6 +477,9 @@ def _bench_one(
             if session is not None:
                 runners[key] = _ort_runner(session, x)
                 setattr(row, f"{key.removeprefix('ort_')}_onnx_mb", report.size_mb)
+        fp32_path = work / f"{name}_ort_fp32.onnx"
+        if ort_quantize and fp32_path.is_file():
+            runners |= _ort_own_runners(name, fp32_path, batches[:calib_batches], x, threads, note)
     if compare_torchvision:
         if name in TORCHVISION_QUANTIZABLE and entry.task == "classification":
             tv = note("tv_int8", lambda: torchvision_int8(name, state_dict, batches[:calib_batches], row.backend))
@@ -388,6 +502,7 @@ def run_benchmark(
     weights: str | None = None,
     backend: str | None = None,
     ort: bool = True,
+    ort_quantize: bool = False,
     compare_torchvision: bool = False,
     calib_batches: int = 4,
     input_size: tuple[int, int] | None = None,
@@ -406,6 +521,9 @@ def run_benchmark(
             statistics re-estimated on random data) when None.
         backend: quantized engine; the platform's when None.
         ort: also time FP32 and INT8 ONNX in onnxruntime.
+        ort_quantize: also quantize the FP32 ONNX file with onnxruntime's own ``quantize_static``
+            (``ORT_OWN``: its S8S8 defaults, U8S8 per-channel QDQ and QOperator) on the same
+            calibration batches, and time those files too (needs ``ort``).
         compare_torchvision: also time torchvision's own INT8 model where one exists.
         calib_batches: random calibration batches (of 2 images).
         input_size: (height, width) instead of each model's standard input size.
@@ -415,6 +533,8 @@ def run_benchmark(
     for label, value in (("batch_size", batch_size), ("threads", threads), ("rounds", rounds)):
         if value < 1:
             raise QzError(f"{label} must be at least 1; got {value}.")
+    if ort_quantize and not ort:
+        raise QzError("ort_quantize needs ort=True: onnxruntime's own quantization starts from the FP32 ONNX file.")
     backend = resolve_backend(backend)
     timing_setup(threads)
     rows: list[BenchRow] = []
@@ -439,6 +559,7 @@ def run_benchmark(
                     warmup=warmup,
                     rounds=rounds,
                     ort=ort,
+                    ort_quantize=ort_quantize,
                     compare_torchvision=compare_torchvision,
                     work=Path(work),
                     build_kwargs=dict(build_kwargs or {}),

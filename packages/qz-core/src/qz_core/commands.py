@@ -48,6 +48,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "weights": args.weights or "random (BatchNorm statistics re-estimated)",
         "calib_batches": args.calib_batches,
+        "ort_quantize": args.ort_quantize,
     }
     rows = run_benchmark(
         names,
@@ -58,6 +59,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         weights=args.weights,
         backend=backend,
         ort=args.ort,
+        ort_quantize=args.ort_quantize,
         compare_torchvision=args.torchvision,
         calib_batches=args.calib_batches,
         input_size=args.input_size,
@@ -108,6 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default="bench-results", help="output folder")
     p.add_argument("--ort", action=argparse.BooleanOptionalAction, default=True, help="time ONNX in onnxruntime")
+    p.add_argument(
+        "--ort-quantize",
+        action="store_true",
+        help="also quantize the FP32 ONNX with onnxruntime's own quantize_static (S8S8 defaults; U8S8 per-channel, "
+        "QDQ and QOperator) on the same calibration data and time it against qz's INT8 ONNX",
+    )
     p.add_argument("--torchvision", action="store_true", help="also time torchvision's own INT8 model where it exists")
     p.add_argument("--weights", default=None, help="weights for every model (DEFAULT, path); random when omitted")
     p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")

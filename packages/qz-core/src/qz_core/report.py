@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qz_core.benchmark import RUNNERS, BenchRow
+from qz_core.benchmark import ORT_OWN, RUNNERS, BenchRow
 from qz_core.errors import QzError
 from qz_core.support import DEFAULT_ENGINES, SupportResult
 
@@ -46,11 +46,15 @@ def _notes(title: str, items: Sequence[tuple[str, str]]) -> list[str]:
 def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None) -> str:
     """The benchmark table in seed 001's format (Model | before | after | ratio) plus ORT and sizes.
 
-    "before" is FP32 eager and "after" INT8 eager PyTorch, both medians in milliseconds.
+    "before" is FP32 eager and "after" INT8 eager PyTorch, both medians in milliseconds. When
+    onnxruntime's own quantization was timed, its S8S8 and faster U8S8 files follow, with qz's ORT
+    INT8 over the best of them and whether qz's file is at least as fast.
     """
     tv = any("tv_int8" in r.latency for r in rows)
+    own = any(k in r.latency for r in rows for k in ORT_OWN) or any(k in r.notes for r in rows for k in ORT_OWN)
     header = ["Model", "before (ms)", "after (ms)", "ratio", "ORT FP32 (ms)", "ORT INT8 (ms)", "deployed ratio"]
     header += ["torchvision INT8 (ms)"] if tv else []
+    header += ["ORT own S8S8 (ms)", "ORT own U8S8 (ms)", "U8S8 format", "qz / ORT own", "qz as fast"] if own else []
     header += ["FP32 (MB)", "INT8 (MB)"]
     body = []
     for r in rows:
@@ -58,6 +62,10 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None)
         cells = [r.model, _ms(r.ms("fp32")), after, _num(r.eager_ratio)]
         cells += [_ms(r.ms("ort_fp32")), _ms(r.ms("ort_int8")), _num(r.deployed_ratio)]
         cells += [_ms(r.ms("tv_int8"))] if tv else []
+        if own:
+            ratio = r.ort_own_ratio
+            cells += [_ms(r.ms("ort_s8s8")), _ms(r.ms(r.ort_u8s8_key) if r.ort_u8s8_key else None)]
+            cells += [r.ort_u8s8_format or "-", _num(ratio), "-" if ratio is None else "Y" if ratio <= 1 else "N"]
         cells += [_num(r.fp32_mb, 1), _num(r.int8_mb, 1)]
         body.append(cells)
     lines = []
