@@ -5,7 +5,7 @@ from qz_core.bench import Latency, compare_latency, measure_latency, model_size_
 from qz_core.builder import QuantOptions, build_quantizable, prepare_quantizable
 from qz_core.data import image_dataset, image_loader
 from qz_core.errors import QzError
-from qz_core.fusion import FUSE_LEVELS, fuse_modules, fuse_sequentials, sequential_fusion_groups
+from qz_core.fusion import FUSE_LEVELS, fuse_in_blocks, fuse_modules, fuse_sequentials, sequential_fusion_groups
 from qz_core.modules import QuantizableSiLU, QuantizableSqueezeExcitation, replace_silu
 from qz_core.onnx_export import OnnxReport, export_onnx, run_onnx
 from qz_core.partial import FloatIsland, count_float_islands
@@ -51,6 +51,7 @@ __all__ = [
     "count_float_islands",
     "ensure_calibrated",
     "export_onnx",
+    "fuse_in_blocks",
     "fuse_modules",
     "fuse_sequentials",
     "get_model",

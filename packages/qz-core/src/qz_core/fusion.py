@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch.ao.quantization as tq
@@ -80,6 +80,32 @@ def sequential_fusion_groups(module: nn.Module, prefix: str = "") -> list[list[s
             else:
                 i += 1
     return groups
+
+
+def fuse_in_blocks(
+    model: nn.Module,
+    block_types: type[nn.Module] | tuple[type[nn.Module], ...],
+    level: str,
+    is_qat: bool,
+    prepare_scope: Callable[[nn.Module], None] | None = None,
+) -> None:
+    """Fuses the nn.Sequential runs inside ``block_types`` ('blocks') or anywhere in ``model`` ('all').
+
+    Args:
+        prepare_scope: called on each scope before its groups are found (e.g. ReLU6 -> ReLU).
+    """
+    if check_fuse_level(level) == "none":
+        return
+    if level == "all":
+        scopes = [("", model)]
+    else:
+        scopes = [(n, m) for n, m in model.named_modules() if isinstance(m, block_types)]
+    groups = []
+    for name, scope in scopes:
+        if prepare_scope is not None:
+            prepare_scope(scope)
+        groups += sequential_fusion_groups(scope, prefix=name)
+    fuse_modules(model, groups, is_qat)
 
 
 def fuse_sequentials(module: nn.Module, is_qat: bool) -> int:

@@ -12,9 +12,8 @@ from torchvision.models import mnasnet as tv
 from torchvision.models.mnasnet import MNASNet, _InvertedResidual
 
 from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_modules, sequential_fusion_groups
+from qz_core import build_quantizable, fuse_in_blocks
 from qz_core.builder import WeightsArg
-from qz_core.fusion import check_fuse_level
 
 __all__ = [
     "QuantizableInvertedResidual",
@@ -88,15 +87,7 @@ class QuantizableMNASNet(MNASNet):
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
         """Fuses conv-bn(-ReLU) in the inverted residuals, and with ``level='all'`` the stem and head too."""
-        if check_fuse_level(level) == "none":
-            return
-        scopes = [(n, m) for n, m in self.named_modules() if isinstance(m, QuantizableInvertedResidual)]
-        if level == "all":
-            scopes = [("", self)]
-        groups = []
-        for name, scope in scopes:
-            groups += sequential_fusion_groups(scope, prefix=name)
-        fuse_modules(self, groups, is_qat)
+        fuse_in_blocks(self, QuantizableInvertedResidual, level, is_qat)
 
 
 def _mnasnet(

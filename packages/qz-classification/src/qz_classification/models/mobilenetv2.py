@@ -11,9 +11,8 @@ from torchvision.models.mobilenetv2 import InvertedResidual, MobileNet_V2_Weight
 from torchvision.ops.misc import Conv2dNormActivation
 
 from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_modules, sequential_fusion_groups
+from qz_core import build_quantizable, fuse_in_blocks
 from qz_core.builder import WeightsArg
-from qz_core.fusion import check_fuse_level
 
 __all__ = ["QuantizableInvertedResidual", "QuantizableMobileNetV2", "mobilenet_v2", "relu6_to_relu"]
 
@@ -67,16 +66,7 @@ class QuantizableMobileNetV2(MobileNetV2):
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
         """Fuses conv-bn(-ReLU6 as ReLU) in the inverted residuals, with ``level='all'`` the stem and head too."""
-        if check_fuse_level(level) == "none":
-            return
-        scopes = [(n, m) for n, m in self.named_modules() if isinstance(m, QuantizableInvertedResidual)]
-        if level == "all":
-            scopes = [("", self)]
-        groups = []
-        for name, scope in scopes:
-            relu6_to_relu(scope)
-            groups += sequential_fusion_groups(scope, prefix=name)
-        fuse_modules(self, groups, is_qat)
+        fuse_in_blocks(self, QuantizableInvertedResidual, level, is_qat, prepare_scope=relu6_to_relu)
 
 
 @register_classifier("mobilenet_v2", MobileNet_V2_Weights, family="mobilenet")

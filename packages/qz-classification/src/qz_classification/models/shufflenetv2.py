@@ -11,9 +11,8 @@ from torchvision.models import shufflenetv2 as tv
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2, channel_shuffle
 
 from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_modules, sequential_fusion_groups
+from qz_core import build_quantizable, fuse_in_blocks
 from qz_core.builder import WeightsArg
-from qz_core.fusion import check_fuse_level
 
 __all__ = [
     "QuantizableInvertedResidual",
@@ -61,15 +60,7 @@ class QuantizableShuffleNetV2(ShuffleNetV2):
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
         """Fuses conv-bn(-ReLU) in the units' branches, and with ``level='all'`` conv1 and conv5 too."""
-        if check_fuse_level(level) == "none":
-            return
-        scopes = [(n, m) for n, m in self.named_modules() if isinstance(m, QuantizableInvertedResidual)]
-        if level == "all":
-            scopes = [("", self)]
-        groups = []
-        for name, scope in scopes:
-            groups += sequential_fusion_groups(scope, prefix=name)
-        fuse_modules(self, groups, is_qat)
+        fuse_in_blocks(self, QuantizableInvertedResidual, level, is_qat)
 
 
 def _variant(name: str, stages_repeats: list[int], stages_out_channels: list[int], weights_enum: type):
