@@ -107,6 +107,25 @@ def probe_model(
         onnx: also export FP32 and INT8 (first engine) ONNX and run them in onnxruntime.
         build_kwargs: extra builder keywords (e.g. ``num_classes``).
     """
+    options = dict(engines=engines, example_input=example_input, calib_batches=calib_batches, onnx=onnx, opset=opset)
+    if work_dir is not None:
+        return _probe_model(name, work_dir=Path(work_dir), build_kwargs=build_kwargs, **options)
+    # Checkpoints and ONNX files can take GBs: never leave them behind.
+    with tempfile.TemporaryDirectory(prefix="qz-probe-") as tmp:
+        return _probe_model(name, work_dir=Path(tmp), build_kwargs=build_kwargs, **options)
+
+
+def _probe_model(
+    name: str,
+    *,
+    engines: Sequence[str],
+    example_input: Any,
+    calib_batches: int,
+    onnx: bool,
+    opset: int,
+    work_dir: Path,
+    build_kwargs: dict[str, Any] | None,
+) -> SupportResult:
     entry = get_model_entry(name)
     result = SupportResult(name, entry.task, opset=opset)
     kwargs = dict(build_kwargs or {})
@@ -116,7 +135,7 @@ def probe_model(
     # BatchNorm statistics need more than one value per channel, even behind 1x1 feature maps.
     bn_shape = (max(2, x.shape[0]), *x.shape[1:])
     bn_batches = [torch.randn(bn_shape, generator=generator) for _ in range(len(batches))]
-    work = Path(work_dir or tempfile.mkdtemp(prefix="qz-probe-"))
+    work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
     float_model = _step(result, "build", lambda: entry.builder(**kwargs))
