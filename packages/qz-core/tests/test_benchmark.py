@@ -14,16 +14,9 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 
 from qz_core import QzError, build_quantizable, fuse_modules, get_model_entry, register_model
 from qz_core.bench import Latency
-from qz_core.benchmark import (
-    ORT_OWN,
-    BenchRow,
-    ort_quantize,
-    run_benchmark,
-    run_support,
-    select_models,
-    torchvision_int8,
-)
+from qz_core.benchmark import BenchRow, run_benchmark, run_support, select_models, torchvision_int8
 from qz_core.commands import register
+from qz_core.ort_tools import ORT_OWN, ort_op_profile, ort_quantize
 from qz_core.report import bench_markdown, replace_block, support_markdown, update_readme_block, write_bench_outputs
 
 TINY = "qz_test_bench_tinynet"
@@ -78,7 +71,10 @@ def _register_once(name: str, builder: Any) -> None:
     try:
         get_model_entry(name)
     except QzError:
-        register_model(name, task="classification", input_size=(32, 32), family="qz_test")(builder)
+        # A target no model can reach, so the miss path (profiles, notes) runs on every bench of the toy.
+        register_model(name, task="classification", input_size=(32, 32), family="qz_test", deployed_ratio_target=0.0)(
+            builder
+        )
 
 
 _register_once(TINY, _tiny)
@@ -102,6 +98,40 @@ def test_run_benchmark_times_every_runner(bench_rows: list[BenchRow]) -> None:
     assert tiny.int8_mb < tiny.fp32_mb and tiny.fp32_onnx_mb > 0 and tiny.int8_onnx_mb > 0
     assert 0 < tiny.start_rss_mb <= tiny.peak_rss_mb and tiny.float_islands == 0
     assert (tiny.family, tiny.input_size, tiny.batch_size) == ("qz_test", (32, 32), 1)
+
+
+def test_a_miss_is_profiled_and_listed(bench_rows: list[BenchRow]) -> None:
+    tiny = bench_rows[0]
+    assert tiny.target == 0.0 and tiny.meets_target is False
+    assert set(tiny.hotspots) == {"INT8 eager", "ORT INT8"}, tiny.notes
+    assert "quantized::conv2d" in tiny.hotspots["INT8 eager"]
+    assert "QLinearConv 3x3" in tiny.hotspots["ORT INT8"]
+    markdown = bench_markdown(bench_rows)
+    miss = next(ln for ln in markdown.splitlines() if ln.startswith(f"- **{TINY}**: deployed ratio"))
+    assert f"> target 0.00. INT8 eager: {tiny.hotspots['INT8 eager']}; ORT INT8: " in miss
+    assert f"| {TINY} |" in markdown and "| 0.00 | **N** |" in markdown
+
+
+def test_ort_op_profile_tells_convolution_kinds_apart(tmp_path) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 16, 3, groups=4)
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), input_names=["input"], dynamo=False)
+    shares = ort_op_profile(tmp_path / "m.onnx", x, runs=3, warmup=1)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert list(shares.values()) == sorted(shares.values(), reverse=True)
+    kinds = {k.split(" ", 1)[1] for k in shares if "Conv" in k}
+    assert {"3x3", "1x1", "depthwise 3x3", "grouped 3x3, 4 ch/group"} <= kinds, shares
+
+
+def test_slower_than_torchvision_only_beyond_noise() -> None:
+    row = BenchRow("m", latency={"int8": Latency(10.0, 9.0, 11.0, 5), "tv_int8": Latency(9.5, 9.2, 10.0, 5)})
+    assert row.slower_than_torchvision is False  # overlapping spreads: noise
+    row.latency["int8"] = Latency(12.0, 11.0, 13.0, 5)
+    assert row.slower_than_torchvision is True
+    assert "slower than torchvision's 9.50 ms" in bench_markdown([row])
+    assert BenchRow("m").slower_than_torchvision is None
 
 
 def test_ort_own_quantization_is_timed_with_the_rest(bench_rows: list[BenchRow]) -> None:
@@ -176,7 +206,10 @@ def test_bench_markdown_values() -> None:
     row = BenchRow("m", latency={"fp32": Latency(10.0, 9.0, 11.0, 5), "int8": Latency(4.0, 3.5, 4.5, 5)})
     row.latency["ort_int8"] = Latency(2.5, 2.0, 3.0, 5)
     line = next(ln for ln in bench_markdown([row]).splitlines() if ln.startswith("| m |"))
-    assert line.startswith("| m | 10.00 | 4.00 | 0.40 | - | 2.50 | 0.25 |")
+    assert line.startswith("| m | 10.00 | 4.00 | 0.40 | - | 2.50 | 0.25 | 1.00 | Y |")
+    row.target = 0.2
+    missed = bench_markdown([row])
+    assert "| 0.25 | 0.20 | **N** |" in missed and "deployed ratio 0.25 > target 0.20" in missed
     assert "ORT own" not in bench_markdown([row])
     row.latency |= {"ort_s8s8": Latency(6.0, 5, 7, 5), "ort_u8s8_qdq": Latency(2.4, 2, 3, 5)}
     row.latency["ort_u8s8_qop"] = Latency(2.0, 1.5, 2.5, 5)
@@ -185,7 +218,7 @@ def test_bench_markdown_values() -> None:
         "| ORT own S8S8 (ms) | ORT own U8S8 (ms) | U8S8 format | qz / ORT own | qz as fast | FP32 (MB) | INT8 (MB) |"
     )
     line = next(ln for ln in lines if ln.startswith("| m |"))
-    assert "| 0.25 | 6.00 | 2.00 | QOperator | 1.25 | N |" in line
+    assert "| 0.25 | 0.20 | **N** | 6.00 | 2.00 | QOperator | 1.25 | N |" in line
 
 
 def test_torchvision_int8_runs_with_the_same_weights() -> None:

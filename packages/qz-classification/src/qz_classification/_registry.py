@@ -18,6 +18,23 @@ def imagenet_transforms(crop_size: int = 224, resize_size: int = 256) -> ImageCl
     return ImageClassification(crop_size=crop_size, resize_size=resize_size)
 
 
+# Deployed INT8/FP32 latency ratio (batch 1, the faster of eager INT8 and onnxruntime on qz's INT8
+# export, over eager FP32) each family must reach in ``qz bench``. Families without one (GoogLeNet,
+# Inception) must at least run faster in INT8 (qz_core's default, 1.0).
+DEPLOYED_RATIO_TARGETS = {
+    "resnet": 0.18,
+    "vgg": 0.18,
+    "mobilenet": 0.3,
+    "mnasnet": 0.3,
+    "squeezenet": 0.3,
+    "shufflenet": 0.3,
+    "regnet": 0.3,
+    "densenet": 0.3,
+    "efficientnet": 0.5,
+    "convnext": 0.5,
+}
+
+
 def register_classifier(
     name: str, weights: type[WeightsEnum] | None, family: str, input_size: tuple[int, int] = (224, 224), **meta: Any
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -28,6 +45,7 @@ def register_classifier(
         weights=weights,
         input_size=input_size,
         family=family,
+        **({"deployed_ratio_target": DEPLOYED_RATIO_TARGETS[family]} if family in DEPLOYED_RATIO_TARGETS else {}),
         default_transforms=lambda: imagenet_transforms(input_size[0], int(input_size[0] * 256 / 224)),
         qat_loss=nn.CrossEntropyLoss,
         **meta,

@@ -82,3 +82,22 @@ def model_size_mb(model: nn.Module) -> float:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell() / 2**20
+
+
+def eager_op_profile(model: nn.Module, example_input: Any, *, runs: int = 10, warmup: int = 3) -> dict[str, float]:
+    """Share of PyTorch's CPU time per operator (self time, e.g. ``quantized::conv2d``), largest first.
+
+    Counts ``runs`` calls of ``model(example_input)`` after ``warmup`` uncounted ones.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(example_input)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                model(example_input)
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    total = sum(times.values())
+    return {k: v / total for k, v in sorted(times.items(), key=lambda kv: -kv[1])} if total else {}

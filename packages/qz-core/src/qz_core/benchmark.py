@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qz_core.backend import resolve_backend, set_backend
-from qz_core.bench import Latency, compare_latency, model_size_mb, timing_setup
+from qz_core.bench import Latency, compare_latency, eager_op_profile, model_size_mb, timing_setup
 from qz_core.errors import QzError, invalid_choice
+from qz_core.ort_tools import ORT_OWN, describe_profile, ort_op_profile, ort_own_runners, ort_runner, ort_session
 from qz_core.partial import count_float_islands
 from qz_core.registry import TASKS, get_model_entry, list_models
 from qz_core.support import DEFAULT_ENGINES, SupportResult, estimate_bn_stats, probe_model
@@ -50,14 +51,9 @@ RUNNERS = {
     "ort_u8s8_qop": "ORT own U8S8 QOperator",
 }
 
-# onnxruntime.quantization.quantize_static settings, by runner key: (activation, weight, per_channel, format).
-# S8S8 is quantize_static's defaults; U8S8 per-channel is ORT's advice for x86 (reduce_range off: VNNI
-# CPUs do not saturate), in both formats since which one is faster depends on the model and CPU.
-ORT_OWN = {
-    "ort_s8s8": ("QInt8", "QInt8", False, "QDQ"),
-    "ort_u8s8_qdq": ("QUInt8", "QInt8", True, "QDQ"),
-    "ort_u8s8_qop": ("QUInt8", "QInt8", True, "QOperator"),
-}
+# The deployed ratio a model must reach when its registration names no ``deployed_ratio_target``:
+# INT8 must at least be faster than FP32.
+DEFAULT_DEPLOYED_RATIO_TARGET = 1.0
 
 # torchvision.models.quantization builders, by their (and qz's) model name.
 TORCHVISION_QUANTIZABLE = (
@@ -97,6 +93,8 @@ class BenchRow:
     seconds: float | None = None
     error: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    target: float = DEFAULT_DEPLOYED_RATIO_TARGET
+    hotspots: dict[str, str] = field(default_factory=dict)
 
     def ms(self, key: str) -> float | None:
         """Median latency of runner ``key`` (see ``RUNNERS``) in ms, None if not timed."""
@@ -112,6 +110,19 @@ class BenchRow:
         """min(INT8 eager, ORT INT8) / FP32 eager: the best INT8 deployment against the FP32 baseline."""
         best = [t for t in (self.ms("int8"), self.ms("ort_int8")) if t is not None]
         return _ratio(min(best), self.ms("fp32")) if best else None
+
+    @property
+    def meets_target(self) -> bool | None:
+        """Whether the deployed ratio is at most the model's target (None when not measured)."""
+        ratio = self.deployed_ratio
+        return None if ratio is None else ratio <= self.target
+
+    @property
+    def slower_than_torchvision(self) -> bool | None:
+        """Whether qz's INT8 eager is slower than torchvision's beyond noise (its p10 above their p90)."""
+        if "int8" not in self.latency or "tv_int8" not in self.latency:
+            return None
+        return self.latency["int8"].p10_ms > self.latency["tv_int8"].p90_ms
 
     @property
     def ort_ratio(self) -> float | None:
@@ -170,6 +181,9 @@ class BenchRow:
         record |= {
             "eager_ratio": self.eager_ratio,
             "deployed_ratio": self.deployed_ratio,
+            "target": self.target,
+            "meets_target": self.meets_target,
+            "slower_than_torchvision": self.slower_than_torchvision,
             "ort_ratio": self.ort_ratio,
             "torchvision_ratio": self.torchvision_ratio,
             "ort_u8s8_ms": self.ms(self.ort_u8s8_key) if self.ort_u8s8_key else None,
@@ -189,6 +203,7 @@ class BenchRow:
             "seconds": self.seconds,
             "error": self.error,
             "notes": "; ".join(f"{k}: {v}" for k, v in self.notes.items()),
+            "hotspots": "; ".join(f"{k}: {v}" for k, v in self.hotspots.items()),
         }
         return record
 
@@ -285,97 +300,6 @@ def machine_info(threads: int, backend: str) -> dict[str, Any]:
         "threads": threads,
         "backend": backend,
     }
-
-
-def ort_session(path: str | os.PathLike, threads: int) -> Any:
-    """An onnxruntime CPU session: ``threads`` intra-op threads, all graph optimizations, no spinning.
-
-    Spinning worker threads would keep burning CPU after a run and slow the next runner of an
-    interleaved round, so they are turned off.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-
-
-def _ort_runner(session: Any, x: Tensor) -> Callable[[], Any]:
-    feeds = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feeds)
-
-
-class _CalibrationReader:
-    """An onnxruntime ``CalibrationDataReader`` (duck-typed: it checks for ``get_next``) over tensors.
-
-    Batches are cut to the model's fixed batch size, so the FP32 file exported at batch 1 sees the
-    same images qz's PTQ calibrated on.
-    """
-
-    def __init__(self, input_name: str, batch_dim: Any, batches: Sequence[Tensor]) -> None:
-        if isinstance(batch_dim, int) and batch_dim > 0:
-            batches = [b for batch in batches for b in batch.split(batch_dim) if len(b) == batch_dim]
-        self._feeds = iter([{input_name: b.numpy()} for b in batches])
-
-    def get_next(self) -> dict[str, Any] | None:
-        return next(self._feeds, None)
-
-
-def ort_quantize(
-    fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Sequence[Tensor], key: str
-) -> Path:
-    """Quantizes an FP32 ONNX file with onnxruntime's ``quantize_static`` as configured in ``ORT_OWN[key]``.
-
-    Calibration is MinMax (quantize_static's default) on ``batches``; returns ``out_path``.
-
-    Raises:
-        QzError: ``key`` is not in ``ORT_OWN``.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    if key not in ORT_OWN:
-        raise invalid_choice("onnxruntime quantization", key, ORT_OWN)
-    activation, weight, per_channel, quant_format = ORT_OWN[key]
-    graph_input = onnx.load(os.fspath(fp32_path), load_external_data=False).graph.input[0]
-    batch_dim = graph_input.type.tensor_type.shape.dim[0]
-    reader = _CalibrationReader(graph_input.name, batch_dim.dim_value or None, batches)
-    quantize_static(
-        os.fspath(fp32_path),
-        os.fspath(out_path),
-        reader,
-        quant_format=getattr(QuantFormat, quant_format),
-        per_channel=per_channel,
-        activation_type=getattr(QuantType, activation),
-        weight_type=getattr(QuantType, weight),
-    )
-    return Path(out_path)
-
-
-def _ort_own_runners(
-    name: str, fp32_path: Path, batches: Sequence[Tensor], x: Tensor, threads: int, note: Callable[..., Any]
-) -> dict[str, Callable[[], Any]]:
-    """onnxruntime's own INT8 files of ``fp32_path``, as runners; a failed step is a note under its key."""
-    from onnxruntime.quantization import quant_pre_process
-
-    def pre_process() -> Path:  # shape inference + optimization before quantizing, as ORT advises
-        out = fp32_path.with_name(f"{name}_ort_pre.onnx")
-        quant_pre_process(os.fspath(fp32_path), os.fspath(out))
-        return out
-
-    source = note("ort_pre_process", pre_process) or fp32_path
-    runners = {}
-    for key in ORT_OWN:
-        path = note(key, lambda k=key: ort_quantize(source, fp32_path.with_name(f"{name}_{k}.onnx"), batches, k))
-        session = None if path is None else note(key, lambda p=path: ort_session(p, threads))
-        if session is not None:
-            runners[key] = _ort_runner(session, x)
-    return runners
 
 
 def torchvision_int8(
@@ -475,11 +399,11 @@ def _bench_one(
             report = note(key, lambda m=model, p=path: export_onnx(m, p, x, check=False))
             session = None if report is None else note(key, lambda p=path: ort_session(p, threads))
             if session is not None:
-                runners[key] = _ort_runner(session, x)
+                runners[key] = ort_runner(session, x)
                 setattr(row, f"{key.removeprefix('ort_')}_onnx_mb", report.size_mb)
         fp32_path = work / f"{name}_ort_fp32.onnx"
         if ort_quantize and fp32_path.is_file():
-            runners |= _ort_own_runners(name, fp32_path, batches[:calib_batches], x, threads, note)
+            runners |= ort_own_runners(name, fp32_path, batches[:calib_batches], x, threads, note)
     if compare_torchvision:
         if name in TORCHVISION_QUANTIZABLE and entry.task == "classification":
             tv = note("tv_int8", lambda: torchvision_int8(name, state_dict, batches[:calib_batches], row.backend))
@@ -490,6 +414,16 @@ def _bench_one(
     set_backend(row.backend)
     for key, lat in compare_latency(runners, warmup=warmup, rounds=rounds, threads=threads).items():
         row.latency[key] = lat
+    if row.meets_target is False:  # say where the time goes, in both INT8 engines
+        if int8 is not None:
+            shares = note("profile", lambda: eager_op_profile(int8, x))
+            if shares:
+                row.hotspots["INT8 eager"] = describe_profile(shares)
+        if "ort_int8" in runners:
+            path = work / f"{name}_ort_int8.onnx"
+            shares = note("profile", lambda: ort_op_profile(path, x, threads=threads))
+            if shares:
+                row.hotspots["ORT INT8"] = describe_profile(shares)
 
 
 def run_benchmark(
@@ -548,6 +482,7 @@ def run_benchmark(
         try:
             entry = get_model_entry(name)
             row.task, row.family = entry.task, str(entry.meta.get("family", ""))
+            row.target = float(entry.meta.get("deployed_ratio_target", DEFAULT_DEPLOYED_RATIO_TARGET))
             row.input_size = tuple(input_size or entry.input_size)
             with tempfile.TemporaryDirectory(prefix="qz-bench-") as work:
                 _bench_one(

@@ -53,6 +53,7 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None)
     tv = any("tv_int8" in r.latency for r in rows)
     own = any(k in r.latency for r in rows for k in ORT_OWN) or any(k in r.notes for r in rows for k in ORT_OWN)
     header = ["Model", "before (ms)", "after (ms)", "ratio", "ORT FP32 (ms)", "ORT INT8 (ms)", "deployed ratio"]
+    header += ["target", "met"]
     header += ["torchvision INT8 (ms)"] if tv else []
     header += ["ORT own S8S8 (ms)", "ORT own U8S8 (ms)", "U8S8 format", "qz / ORT own", "qz as fast"] if own else []
     header += ["FP32 (MB)", "INT8 (MB)"]
@@ -61,6 +62,7 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None)
         after = _ms(r.ms("int8")) if "int8" in r.latency else ("error" if r.error else "-")
         cells = [r.model, _ms(r.ms("fp32")), after, _num(r.eager_ratio)]
         cells += [_ms(r.ms("ort_fp32")), _ms(r.ms("ort_int8")), _num(r.deployed_ratio)]
+        cells += [_num(r.target), {True: "Y", False: "**N**", None: "-"}[r.meets_target]]
         cells += [_ms(r.ms("tv_int8"))] if tv else []
         if own:
             ratio = r.ort_own_ratio
@@ -78,9 +80,21 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None)
         ]
     lines += _table(header, body)
     lines += _notes("Errors:", [(r.model, r.error) for r in rows if r.error])
+    lines += _notes("Misses (where the INT8 time goes, by operator):", [(r.model, _miss(r)) for r in rows if _miss(r)])
     notes = [(r.model, f"{k}: {v}") for r in rows for k, v in r.notes.items() if k != "tv_int8" or tv]
     lines += _notes("Notes:", notes)
     return "\n".join(lines) + "\n"
+
+
+def _miss(row: BenchRow) -> str:
+    """Why a row misses its targets, with the profile of its INT8 engines; empty when it does not."""
+    reasons = []
+    if row.meets_target is False:
+        profile = "; ".join(f"{engine}: {text}" for engine, text in row.hotspots.items())
+        reasons.append(f"deployed ratio {_num(row.deployed_ratio)} > target {_num(row.target)}. {profile}".strip())
+    if row.slower_than_torchvision:
+        reasons.append(f"INT8 eager {_ms(row.ms('int8'))} ms is slower than torchvision's {_ms(row.ms('tv_int8'))} ms")
+    return " ".join(reasons)
 
 
 def _plot_ratios(rows: Sequence[BenchRow], path: Path) -> None:
@@ -96,10 +110,13 @@ def _plot_ratios(rows: Sequence[BenchRow], path: Path) -> None:
         ax.bar(i - 0.2, r.eager_ratio, 0.4, color=color)
         if r.deployed_ratio is not None:
             ax.bar(i + 0.2, r.deployed_ratio, 0.4, color=color, alpha=0.45, hatch="//", edgecolor="black")
+        ax.hlines(r.target, i - 0.45, i + 0.45, colors="red", linewidth=1.5)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(xs), [r.model for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("INT8 / FP32 latency")
-    ax.set_title("INT8 / FP32 latency\nsolid: eager PyTorch; hatched: deployed = min(eager, ORT INT8)", fontsize=10)
+    ax.set_title(
+        "INT8 / FP32 latency\nsolid: eager PyTorch; hatched: deployed = min(eager, ORT INT8); red: target", fontsize=10
+    )
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[f]) for f in families]
     ax.legend(handles, families, title="family", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
