@@ -31,6 +31,33 @@ def test_int8_onnx_runs_in_onnxruntime_and_agrees(checkpoint, tmp_path, backend)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_int8_hardswish_runs_in_integers_in_onnxruntime(tmp_path, backend):
+    import onnx
+    import torch.ao.quantization as tq
+
+    from qz_core.ort_tools import ort_session
+
+    model = torch.nn.Sequential(
+        tq.QuantStub(), torch.nn.Conv2d(3, 8, 1), torch.nn.Hardswish(), torch.nn.Conv2d(8, 4, 1), tq.DeQuantStub()
+    ).eval()
+    model.qconfig = qz_core.make_qconfig(backend)
+    qz_core.set_backend(backend)
+    tq.prepare(model, inplace=True)
+    x = 3 * torch.randn(2, 3, 16, 16)  # wide enough to reach both of hardswish's bends (-3 and 3)
+    model(x)
+    int8 = tq.convert(model)
+    report = qz_core.export_onnx(int8, tmp_path / "hardswish.onnx", x)
+    out_scale = int8[3].scale  # the last conv's output step
+    # onnxruntime's integer kernels round differently from PyTorch's: a few output steps at most
+    assert report.max_abs_diff <= 4 * float(out_scale) + 1e-6, (report.max_abs_diff, float(out_scale))
+    optimized = tmp_path / "optimized.onnx"
+    ort_session(report.path, 1, optimized_model_filepath=str(optimized))
+    ops = [node.op_type for node in onnx.load(optimized).graph.node]
+    assert "QLinearAdd" in ops and "QLinearMul" in ops
+    assert not {"HardSwish", "HardSigmoid", "Mul", "Add"} & set(ops), ops  # no float island left
+
+
 def test_fp32_onnx_matches_closely(checkpoint, tmp_path):
     _, float_model = checkpoint
     report = qz_core.export_onnx(float_model, tmp_path / "tiny.onnx", random_batches(1, batch=2)[0], dynamic_batch=True)
