@@ -104,3 +104,26 @@ def test_save_and_load_errors(checkpoint, tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(QzError, match="is not a qz INT8 model"):
         qz_core.load_quantized(tmp_path / "other.pt")
+
+
+def test_estimate_bn_stats_trains_only_the_norms():
+    from qz_core.support import estimate_bn_stats
+
+    class NeedsTargetsInTraining(torch.nn.Module):  # like a torchvision detector
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            if self.training:
+                raise AssertionError("targets should be passed in training mode")
+            return self.drop(self.bn(x))
+
+    model = NeedsTargetsInTraining().eval()
+    batches = [torch.randn(4, 3, 8, 8) * 3 + 1 for _ in range(2)]
+    estimate_bn_stats(model, batches)
+    expected = torch.cat(batches).mean(dim=(0, 2, 3))
+    assert torch.allclose(model.bn.running_mean, expected, atol=1e-5)
+    assert not model.training and not model.bn.training and not model.drop.training
+    assert model.bn.momentum == 0.1

@@ -29,22 +29,27 @@ def estimate_bn_stats(model: nn.Module, batches: Sequence[Any]) -> None:
     """Re-estimates BatchNorm running statistics from ``batches`` (cumulative average).
 
     Random-weight models otherwise push activations to zero or infinity, and their INT8 error
-    and latency mean nothing.
+    and latency mean nothing. Only the BatchNorm layers are put in training mode: the rest of the
+    model (dropout, a detector's inference path, which needs no targets) runs as in eval.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    saved = [(m, m.momentum) for m in norms]
+    momenta = {m: m.momentum for m in norms}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    was_training = model.training
-    model.train()
-    for batch in batches:
-        model(batch)
-    model.train(was_training)
-    for m, momentum in saved:
-        m.momentum = momentum
+        m.train()
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for m, momentum in momenta.items():
+            m.momentum = momentum
 
 
 @dataclass
