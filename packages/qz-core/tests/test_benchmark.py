@@ -17,7 +17,15 @@ from qz_core.bench import Latency
 from qz_core.benchmark import BenchRow, run_benchmark, run_support, select_models, torchvision_int8
 from qz_core.commands import register
 from qz_core.ort_tools import ORT_OWN, ort_op_profile, ort_quantize
-from qz_core.report import bench_markdown, replace_block, support_markdown, update_readme_block, write_bench_outputs
+from qz_core.report import (
+    bench_markdown,
+    bench_summary_markdown,
+    read_bench_json,
+    replace_block,
+    support_markdown,
+    update_readme_block,
+    write_bench_outputs,
+)
 
 TINY = "qz_test_bench_tinynet"
 BROKEN = "qz_test_bench_broken"
@@ -297,3 +305,51 @@ def test_select_models() -> None:
         select_models(["zzz_nothing_*"])
     with pytest.raises(QzError, match="Invalid task 'detect'"):
         select_models(task="detect")
+
+
+def test_summary_by_family_counts_targets_met() -> None:
+    def row(model: str, family: str, int8: float, target: float) -> BenchRow:
+        r = BenchRow(model, task="classification", family=family, target=target)
+        r.latency = {"fp32": Latency(10.0, 9.0, 11.0, 5), "int8": Latency(int8, int8, int8, 5)}
+        return r
+
+    rows = [row("a1", "a", 2.0, 0.3), row("a2", "a", 4.0, 0.3), row("a3", "a", 2.5, 0.3), row("b1", "b", 1.0, 0.18)]
+    lines = bench_summary_markdown(rows).splitlines()
+    assert lines[2] == "| classification | a | 3 | 0.20 / 0.25 / 0.40 | 0.20 / 0.25 / 0.40 | 0.30 | 2/3 | - | a2 |"
+    assert lines[3] == "| classification | b | 1 | 0.10 | 0.10 | 0.18 | 1/1 | - | - |"
+    full = bench_markdown(rows, collapse=True)
+    assert full.index("By family") < full.index("<details><summary>Every model</summary>") < full.index("| a1 |")
+    assert "- **a2**: deployed ratio 0.40 > target 0.30." in full
+
+
+def test_saved_results_read_back_and_re_render(bench_rows: list[BenchRow], tmp_path, capsys) -> None:
+    import argparse
+
+    paths = write_bench_outputs(bench_rows, tmp_path / "run", {"threads": 1, "rounds": 3})
+    rows, meta = read_bench_json(paths["json"])
+    assert meta["threads"] == 1 and [r.model for r in rows] == [TINY, BROKEN]
+    for got, want in zip(rows, bench_rows, strict=True):
+        assert got.latency == want.latency and got.notes == want.notes and got.hotspots == want.hotspots
+        assert (got.target, got.error, got.int8_mb, got.input_size) == (want.target, want.error, want.int8_mb, (32, 32))
+    assert bench_markdown(rows, meta) == bench_markdown(bench_rows, meta)
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
+    later = BenchRow(TINY, latency={"fp32": Latency(8.0, 8.0, 8.0, 3), "int8": Latency(2.0, 2.0, 2.0, 3)})
+    second = write_bench_outputs([later], tmp_path / "second", {"threads": 2})["json"]
+    args = parser.parse_args(["bench", "--from", str(paths["json"]), str(second), "--out", str(tmp_path / "merged")])
+    args.readme = str(readme)
+    assert args.func(args) == 0
+    merged, _ = read_bench_json(tmp_path / "merged" / "bench.json")
+    assert [r.model for r in merged] == [TINY, BROKEN] and merged[0].ms("int8") == 2.0  # the later run wins
+    assert "<details><summary>Every model</summary>" in readme.read_text()
+    with pytest.raises(QzError, match="No bench result at"):
+        read_bench_json(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(QzError, match="is not a qz bench result"):
+        read_bench_json(tmp_path / "bad.json")
+    args = parser.parse_args(["bench", TINY, "--from", str(second)])
+    with pytest.raises(QzError, match="--from re-renders saved results"):
+        args.func(args)

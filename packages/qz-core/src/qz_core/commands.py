@@ -36,10 +36,33 @@ def _update_readme(path: str | None, block: str, markdown: str) -> None:
         print(f"{path}: block {block!r} {'updated' if changed else 'unchanged'}")
 
 
+def _merge_results(paths: list[str]) -> tuple[list, dict]:
+    """Rows of several bench.json files (a later file's row replaces an earlier one of the same model)."""
+    from qz_core.report import read_bench_json
+
+    rows: dict[str, object] = {}
+    metas = []
+    for path in paths:
+        found, meta = read_bench_json(path)
+        metas.append(meta | {"source": path})
+        rows |= {r.model: r for r in found}
+    meta = dict(metas[0]) if len(metas) == 1 else metas[0] | {"merged": metas}
+    return list(rows.values()), meta
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from qz_core.benchmark import machine_info, run_benchmark, select_models
     from qz_core.report import BENCH_BLOCK, bench_markdown, write_bench_outputs
 
+    if args.from_json:
+        if args.models or args.task or args.all_models:
+            raise QzError("--from re-renders saved results: pass it without model names, --task or --all.")
+        rows, meta = _merge_results(args.from_json)
+        paths = write_bench_outputs(rows, args.out, meta)
+        print(bench_markdown(rows, meta))
+        print("written: " + ", ".join(str(p) for p in paths.values()))
+        _update_readme(args.readme, BENCH_BLOCK, bench_markdown(rows, meta, collapse=True))
+        return 0
     names = select_models(args.models, task=args.task, all_models=args.all_models)
     backend = resolve_backend(args.backend)
     meta = machine_info(args.threads, backend) | {
@@ -69,7 +92,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     markdown = bench_markdown(rows, meta)
     print(markdown)
     print("written: " + ", ".join(str(p) for p in paths.values()))
-    _update_readme(args.readme, BENCH_BLOCK, markdown)
+    _update_readme(args.readme, BENCH_BLOCK, bench_markdown(rows, meta, collapse=True))
     failed = [r.model for r in rows if r.error]
     if failed:
         print(f"{len(failed)} of {len(rows)} models failed: {', '.join(failed)}", file=sys.stderr)
@@ -122,6 +145,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-batches", type=int, default=4, help="random calibration batches of 2 images")
     p.add_argument("--input-size", type=_input_size, default=None, help="H or HxW instead of each model's own")
     p.add_argument("--readme", default=None, help="rewrite the bench-table block of this README")
+    p.add_argument(
+        "--from",
+        dest="from_json",
+        nargs="+",
+        metavar="BENCH_JSON",
+        help="re-render tables, plots and --readme from saved bench.json files (merged in order) without timing",
+    )
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a model fails")
     p.set_defaults(func=_cmd_bench)
 

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qz_core.benchmark import ORT_OWN, RUNNERS, BenchRow
+from qz_core.bench import Latency
+from qz_core.benchmark import RUNNERS, BenchRow
 from qz_core.errors import QzError
+from qz_core.ort_tools import ORT_OWN
 from qz_core.support import DEFAULT_ENGINES, SupportResult
 
 BENCH_BLOCK = "bench-table"
@@ -43,12 +45,14 @@ def _notes(title: str, items: Sequence[tuple[str, str]]) -> list[str]:
     return ["", title, ""] + [f"- **{name}**: {text.replace(chr(10), ' ')}" for name, text in items]
 
 
-def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None) -> str:
+def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None, *, collapse: bool = False) -> str:
     """The benchmark table in seed 001's format (Model | before | after | ratio) plus ORT and sizes.
 
     "before" is FP32 eager and "after" INT8 eager PyTorch, both medians in milliseconds. When
     onnxruntime's own quantization was timed, its S8S8 and faster U8S8 files follow, with qz's ORT
-    INT8 over the best of them and whether qz's file is at least as fast.
+    INT8 over the best of them and whether qz's file is at least as fast. With more than one family
+    a summary by family comes first; ``collapse`` folds the per-model table into a ``<details>``
+    block (for a README).
     """
     tv = any("tv_int8" in r.latency for r in rows)
     own = any(k in r.latency for r in rows for k in ORT_OWN) or any(k in r.notes for r in rows for k in ORT_OWN)
@@ -78,12 +82,56 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None)
             f"torch {meta.get('torch')}, onnxruntime {meta.get('onnxruntime')} ({meta.get('date')}).",
             "",
         ]
-    lines += _table(header, body)
+    table = _table(header, body)
+    if len({(r.task, r.family) for r in rows}) > 1:
+        lines += ["By family (ratios: min / median / max):", "", bench_summary_markdown(rows), ""]
+    if collapse:
+        table = ["<details><summary>Every model</summary>", "", *table, "", "</details>"]
+    lines += table
     lines += _notes("Errors:", [(r.model, r.error) for r in rows if r.error])
     lines += _notes("Misses (where the INT8 time goes, by operator):", [(r.model, _miss(r)) for r in rows if _miss(r)])
     notes = [(r.model, f"{k}: {v}") for r in rows for k, v in r.notes.items() if k != "tv_int8" or tv]
     lines += _notes("Notes:", notes)
     return "\n".join(lines) + "\n"
+
+
+def bench_summary_markdown(rows: Sequence[BenchRow]) -> str:
+    """One line per family: how many models meet the deployed-ratio target, and the ratios' spread.
+
+    Ratios are min / median / max over the family's measured models; "met" counts models whose
+    deployed ratio is at most the target, and the misses are named.
+    """
+    families: dict[tuple[str, str], list[BenchRow]] = {}
+    for r in rows:
+        families.setdefault((r.task, r.family or "-"), []).append(r)
+    header = ["Task", "Family", "models", "eager ratio", "deployed ratio", "target", "met", "size ratio", "misses"]
+    body = []
+
+    def spread(values: list[float]) -> str:
+        if not values:
+            return "-"
+        values = sorted(values)
+        low, mid, high = values[0], values[len(values) // 2], values[-1]
+        return _num(low) if len(values) == 1 else f"{_num(low)} / {_num(mid)} / {_num(high)}"
+
+    for (task, family), members in families.items():
+        measured = [r for r in members if r.deployed_ratio is not None]
+        targets = sorted({r.target for r in members})
+        misses = [r.model for r in members if r.meets_target is False or r.error or r.slower_than_torchvision]
+        body.append(
+            [
+                task or "-",
+                family,
+                str(len(members)),
+                spread([r.eager_ratio for r in members if r.eager_ratio is not None]),
+                spread([r.deployed_ratio for r in measured]),
+                ", ".join(_num(t) for t in targets),
+                f"{sum(bool(r.meets_target) for r in members)}/{len(members)}",
+                spread([r.size_ratio for r in members if r.size_ratio is not None]),
+                ", ".join(misses) or "-",
+            ]
+        )
+    return "\n".join(_table(header, body)) + "\n"
 
 
 def _miss(row: BenchRow) -> str:
@@ -169,7 +217,9 @@ def write_bench_outputs(rows: Sequence[BenchRow], out_dir: str | os.PathLike, me
         writer.writeheader()
         writer.writerows(records)
     runners = {k: v for k, v in RUNNERS.items() if any(k in r.latency for r in rows)}
-    paths["json"].write_text(json.dumps({"meta": meta, "runners": runners, "rows": records}, indent=2) + "\n")
+    structured = [rec | {"notes": r.notes, "hotspots": r.hotspots} for rec, r in zip(records, rows, strict=True)]
+    payload = {"meta": meta, "runners": runners, "rows": structured}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
     paths["markdown"].write_text(bench_markdown(rows, meta))
     try:
         import matplotlib
@@ -183,6 +233,54 @@ def write_bench_outputs(rows: Sequence[BenchRow], out_dir: str | os.PathLike, me
     _plot_ratios(rows, paths["ratio_png"])
     _plot_latency_size(rows, paths["size_png"])
     return paths
+
+
+def _as_map(value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    pairs = [item.partition(": ") for item in str(value or "").split("; ") if item]
+    return {k: v for k, _, v in pairs}
+
+
+def read_bench_json(path: str | os.PathLike) -> tuple[list[BenchRow], dict[str, Any]]:
+    """The rows and run metadata of a ``bench.json`` that ``write_bench_outputs`` wrote.
+
+    Lets ``qz bench --from`` re-render tables, plots and README blocks, or merge runs, without timing again.
+
+    Raises:
+        QzError: the file is missing or is not a qz bench result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise QzError(f"No bench result at {path}: run 'qz bench ... --out DIR' first (it writes DIR/bench.json).")
+    try:
+        payload = json.loads(path.read_text())
+        records, meta = payload["rows"], payload.get("meta", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise QzError(f"{path} is not a qz bench result ({type(exc).__name__}: {exc}).") from None
+    rows = []
+    for rec in records:
+        row = BenchRow(
+            rec["model"],
+            task=rec.get("task", ""),
+            family=rec.get("family", ""),
+            backend=rec.get("backend", ""),
+            batch_size=rec.get("batch_size", 1),
+            input_size=(rec.get("input_h", 224), rec.get("input_w", 224)),
+            error=rec.get("error"),
+            notes=_as_map(rec.get("notes")),
+            hotspots=_as_map(rec.get("hotspots")),
+        )
+        for key in ("fp32_mb", "int8_mb", "fp32_onnx_mb", "int8_onnx_mb", "peak_rss_mb", "start_rss_mb"):
+            setattr(row, key, rec.get(key))
+        row.float_islands, row.seconds = rec.get("float_islands"), rec.get("seconds")
+        if rec.get("target") is not None:
+            row.target = float(rec["target"])
+        for key in RUNNERS:
+            if rec.get(f"{key}_ms") is not None:
+                row.latency[key] = Latency(rec[f"{key}_ms"], rec[f"{key}_p10_ms"], rec[f"{key}_p90_ms"], rec["rounds"])
+        rows.append(row)
+    return rows, meta
 
 
 def _yn(value: bool | None) -> str:
