@@ -223,7 +223,8 @@ def test_bench_markdown_values() -> None:
     row.latency["ort_u8s8_qop"] = Latency(2.0, 1.5, 2.5, 5)
     lines = bench_markdown([row]).splitlines()
     assert lines[0].endswith(
-        "| ORT own S8S8 (ms) | ORT own U8S8 (ms) | U8S8 format | qz / ORT own | qz as fast | FP32 (MB) | INT8 (MB) |"
+        "| ORT own S8S8 (ms) | ORT own U8S8 (ms) | U8S8 format | qz / ORT own | qz as fast | FP32 (MB) | INT8 (MB) "
+        "| peak RSS (MB) |"
     )
     line = next(ln for ln in lines if ln.startswith("| m |"))
     assert "| 0.25 | 0.20 | **N** | 6.00 | 2.00 | QOperator | 1.25 | N |" in line

@@ -60,7 +60,7 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     header += ["target", "met"]
     header += ["torchvision INT8 (ms)"] if tv else []
     header += ["ORT own S8S8 (ms)", "ORT own U8S8 (ms)", "U8S8 format", "qz / ORT own", "qz as fast"] if own else []
-    header += ["FP32 (MB)", "INT8 (MB)"]
+    header += ["FP32 (MB)", "INT8 (MB)", "peak RSS (MB)"]
     body = []
     for r in rows:
         after = _ms(r.ms("int8")) if "int8" in r.latency else ("error" if r.error else "-")
@@ -72,7 +72,7 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
             ratio = r.ort_own_ratio
             cells += [_ms(r.ms("ort_s8s8")), _ms(r.ms(r.ort_u8s8_key) if r.ort_u8s8_key else None)]
             cells += [r.ort_u8s8_format or "-", _num(ratio), "-" if ratio is None else "Y" if ratio <= 1 else "N"]
-        cells += [_num(r.fp32_mb, 1), _num(r.int8_mb, 1)]
+        cells += [_num(r.fp32_mb, 1), _num(r.int8_mb, 1), _num(r.peak_rss_mb, 0)]
         body.append(cells)
     lines = []
     if meta:
