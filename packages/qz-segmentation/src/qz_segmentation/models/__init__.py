@@ -1,4 +1,5 @@
-"""Quantizable segmentation models; importing this module registers them with qz-core.
+"""Quantizable segmentation models; importing this module registers them with qz-core."""
 
-No segmentation family is registered yet: they arrive in their own issues.
-"""
+from qz_segmentation.models.deeplabv3 import *  # noqa: F403
+from qz_segmentation.models.fcn import *  # noqa: F403
+from qz_segmentation.models.lraspp import *  # noqa: F403
