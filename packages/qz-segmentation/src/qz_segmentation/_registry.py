@@ -89,11 +89,10 @@ def define_segmenter(
         **kwargs: Any,
     ) -> nn.Module:
         source = resolve_weights(weights, weights_enum)
-        if has_aux:
-            if source is not None and source.enum_member is not None:
-                if kwargs.setdefault("aux_loss", True) is not True:
-                    raise QzError(f"{name} weights {source.label} hold an aux classifier: aux_loss must be True.")
-        elif kwargs.pop("aux_loss", None):
+        from_enum = source is not None and source.enum_member is not None
+        if has_aux and from_enum and kwargs.setdefault("aux_loss", True) is not True:
+            raise QzError(f"{name} weights {source.label} hold an aux classifier: aux_loss must be True.")
+        if not has_aux and kwargs.pop("aux_loss", None):
             raise QzError(f"{name} has no auxiliary classifier: aux_loss must be False or left out.")
         if source is not None:
             kwargs["weights_backbone"] = None  # the full checkpoint overwrites the backbone anyway
