@@ -354,3 +354,11 @@ def test_saved_results_read_back_and_re_render(bench_rows: list[BenchRow], tmp_p
     args = parser.parse_args(["bench", TINY, "--from", str(second)])
     with pytest.raises(QzError, match="--from re-renders saved results"):
         args.func(args)
+
+
+def test_busy_machine_is_flagged() -> None:
+    row = BenchRow("m", latency={"fp32": Latency(10.0, 9.0, 11.0, 5)})
+    quiet = {"threads": 1, "load_average": [0.1, 0.1, 0.1], "load_average_end": [1.2, 1.0, 0.5]}
+    assert "Busy machine" not in bench_markdown([row], quiet)
+    busy = quiet | {"load_average_end": [3.9, 3.0, 2.0]}
+    assert "1-minute load average 0.1 before and 3.9 after the run" in bench_markdown([row], busy)

@@ -82,6 +82,8 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
             f"torch {meta.get('torch')}, onnxruntime {meta.get('onnxruntime')} ({meta.get('date')}).",
             "",
         ]
+        busy = _busy_warning(meta)
+        lines += [busy, ""] if busy else []
     table = _table(header, body)
     if len({(r.task, r.family) for r in rows}) > 1:
         lines += ["By family (ratios: min / median / max):", "", bench_summary_markdown(rows), ""]
@@ -93,6 +95,21 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     notes = [(r.model, f"{k}: {v}") for r in rows for k, v in r.notes.items() if k != "tv_int8" or tv]
     lines += _notes("Notes:", notes)
     return "\n".join(lines) + "\n"
+
+
+def _busy_warning(meta: dict[str, Any]) -> str:
+    """A warning line when the load average says other work shared the CPU with the run."""
+    threads = meta.get("threads") or 1
+    start = (meta.get("load_average") or [0.0])[0]
+    end = (meta.get("load_average_end") or [0.0])[0]
+    # Before the run nothing of qz's was running; at its end the bench itself accounts for ``threads``.
+    if start <= 0.5 and end <= threads + 0.5:
+        return ""
+    return (
+        f"**Busy machine**: 1-minute load average {start:.1f} before and {end:.1f} after the run ({threads} "
+        "thread(s) are the bench's own), so other work competed for the cores: ratios are indicative only. "
+        "Publish numbers from a quiet machine."
+    )
 
 
 def bench_summary_markdown(rows: Sequence[BenchRow]) -> str:
