@@ -2,3 +2,5 @@
 
 No detection family is registered yet: they arrive in their own issues.
 """
+from qz_detection.models.retinanet import *  # noqa: F403
+from qz_detection.models.fcos import *  # noqa: F403
