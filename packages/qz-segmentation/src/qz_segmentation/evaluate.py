@@ -1,0 +1,282 @@
+"""Mean IoU and pixel accuracy of segmenters, FP32 or INT8, on a Pascal VOC-layout folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from qz_core import QzError, calibrate, convert, get_model_entry, get_model_transforms, load_quantized, set_backend
+from qz_core.errors import invalid_choice
+from qz_segmentation._registry import IGNORE_INDEX
+from qz_segmentation.voc import VOCSegmentationFolder
+
+QUANTIZE_MODES = (None, "ptq")
+
+
+class ConfusionMatrix:
+    """Pixel counts ``matrix[target, predicted]`` over every pixel whose target is not ``ignore_index``."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, predicted: Tensor, target: Tensor) -> None:
+        """Adds a batch of predicted class maps and target masks of the same shape."""
+        if predicted.shape != target.shape:
+            raise QzError(f"Predictions {tuple(predicted.shape)} and masks {tuple(target.shape)} differ in shape.")
+        keep = target != self.ignore_index
+        target, predicted = target[keep].long(), predicted[keep].long()
+        if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
+            bad = sorted({int(v) for v in target[(target < 0) | (target >= self.num_classes)].unique()[:5]})
+            raise QzError(
+                f"Mask values {bad} are not classes of a {self.num_classes}-class model "
+                f"(0..{self.num_classes - 1}, {self.ignore_index} = ignore)."
+            )
+        index = target * self.num_classes + predicted
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+
+    def iou(self) -> Tensor:
+        """IoU per class (NaN for a class neither in the masks nor in the predictions)."""
+        matrix = self.matrix.double()
+        true_positive = matrix.diag()
+        union = matrix.sum(0) + matrix.sum(1) - true_positive
+        return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+    def scores(self) -> dict[str, float]:
+        """``miou`` (mean over classes that occur, percent) and ``pixel_acc`` (percent)."""
+        total = int(self.matrix.sum())
+        if total == 0:
+            raise QzError("Evaluation counted no pixels: every mask pixel is ignored, or the data is empty.")
+        return {
+            "miou": 100.0 * float(self.iou().nanmean()),
+            "pixel_acc": 100.0 * float(self.matrix.diag().sum()) / total,
+        }
+
+
+def logits_of(output: Any) -> Tensor:
+    """The per-pixel logits of a segmenter's output: ``output["out"]``, or the tensor itself."""
+    if isinstance(output, dict):
+        if "out" not in output:
+            raise QzError(f"The model output has no 'out' entry (it has {sorted(output)}).")
+        output = output["out"]
+    if not isinstance(output, Tensor) or output.dim() != 4:
+        raise QzError("A segmenter must return (batch, classes, height, width) logits, or a dict with 'out'.")
+    return output
+
+
+@torch.inference_mode()
+def confusion_matrix(
+    model: nn.Module,
+    data: Iterable[tuple[Tensor, Tensor]],
+    num_classes: int,
+    *,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> ConfusionMatrix:
+    """Runs ``model`` over (images, masks) batches and counts its per-pixel argmax against the masks."""
+    model.eval()
+    matrix = ConfusionMatrix(num_classes)
+    for images, masks in tqdm(data, desc=desc, unit="image", disable=not progress):
+        matrix.update(logits_of(model(images)).argmax(1), masks)
+    return matrix
+
+
+@dataclass
+class SegmentationScores:
+    """mIoU and pixel accuracy (percent) of one model, with per-class IoU and the time it took."""
+
+    miou: float
+    pixel_acc: float
+    images: int
+    seconds: float
+    class_iou: list[float | None] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class SegmentationEval:
+    """FP32 and INT8 scores of one segmenter on one split of a VOC-layout folder."""
+
+    model: str
+    weights: str | None
+    data: str
+    split: str
+    images: int
+    num_classes: int
+    fp32: SegmentationScores | None = None
+    int8: SegmentationScores | None = None
+    int8_source: str | None = None
+    backend: str | None = None
+    calibration: str | None = None
+
+    @property
+    def delta(self) -> dict[str, float] | None:
+        """INT8 minus FP32, in points; None unless both were evaluated."""
+        if self.fp32 is None or self.int8 is None:
+            return None
+        return {"miou": self.int8.miou - self.fp32.miou, "pixel_acc": self.int8.pixel_acc - self.fp32.pixel_acc}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return asdict(self) | {"delta": self.delta}
+
+    def table(self) -> str:
+        """The result as a text table: one row per precision, deltas against FP32."""
+        lines = [
+            f"{self.model} ({self.weights or 'random weights'}) on {self.data}, split {self.split!r}",
+            f"{self.images} images, {self.num_classes} classes, pixels marked {IGNORE_INDEX} ignored",
+        ]
+        if self.calibration:
+            lines.append(f"calibration: {self.calibration}")
+        header = f"{'model':<18}{'mIoU':>8}{'pixel acc':>11}{'mIoU delta':>12}{'acc delta':>11}{'img/s':>9}"
+        lines += ["", header, "-" * len(header)]
+        for name, scores in (("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}", self.int8)):
+            if scores is None:
+                continue
+            delta = self.delta if scores is self.int8 else None
+            d_miou, d_acc = (f"{delta['miou']:+.2f}", f"{delta['pixel_acc']:+.2f}") if delta else ("-", "-")
+            lines.append(
+                f"{name.strip():<18}{scores.miou:>8.2f}{scores.pixel_acc:>11.2f}{d_miou:>12}{d_acc:>11}"
+                f"{scores.images_per_second:>9.2f}"
+            )
+        return "\n".join(lines)
+
+
+def _timed_scores(
+    model: nn.Module, loader: DataLoader, num_classes: int, desc: str, progress: bool
+) -> SegmentationScores:
+    start = time.perf_counter()
+    matrix = confusion_matrix(model, loader, num_classes, desc=desc, progress=progress)
+    seconds = time.perf_counter() - start
+    scores = matrix.scores()
+    class_iou = [None if v != v else 100.0 * v for v in matrix.iou().tolist()]
+    return SegmentationScores(scores["miou"], scores["pixel_acc"], len(loader.dataset), seconds, class_iou)
+
+
+@torch.inference_mode()
+def _output_classes(model: nn.Module, image: Tensor) -> int:
+    return logits_of(model.eval()(image.unsqueeze(0))).shape[1]
+
+
+def evaluate_segmenter(
+    model: str | None = None,
+    *,
+    data: str | os.PathLike,
+    split: str = "val",
+    weights: Any = None,
+    quantize: str | None = None,
+    int8: str | os.PathLike | None = None,
+    calib_split: str | None = None,
+    calib_batches: int = 16,
+    backend: str | None = None,
+    activation_observer: str | None = None,
+    limit: int | None = None,
+    num_classes: int | None = None,
+    aux_loss: bool | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    seed: int = 0,
+) -> SegmentationEval:
+    """mIoU and pixel accuracy of a segmenter on a Pascal VOC-layout folder, in FP32 and INT8.
+
+    Images go one at a time (VOC images differ in size) through the weights' transforms; masks are
+    resized to match with nearest-neighbour interpolation.
+
+    Args:
+        model: registered model name; optional with ``int8`` (its file names the model).
+        data: the folder with JPEGImages/, SegmentationClass/, ImageSets/Segmentation/ (or VOC2012/ in it).
+        split: the ImageSets/Segmentation/<split>.txt list to evaluate.
+        weights: enum name (``"DEFAULT"``) or float checkpoint; its transforms preprocess the images.
+        quantize: ``"ptq"`` to also quantize the float model and evaluate it.
+        int8: an INT8 model file written by ``qz_core.save_quantized`` to evaluate as the INT8 row.
+        calib_split: split whose images calibrate PTQ; without it ``calib_batches`` images of
+            ``split`` are held out (and left out of both evaluations).
+        calib_batches: number of calibration images.
+        backend, activation_observer: PTQ engine and activation observer (the engine's defaults).
+        limit: evaluate on this many images (a seeded sample).
+        num_classes, aux_loss: builder arguments for a checkpoint with its own head.
+        progress: show tqdm bars.
+
+    Raises:
+        QzError: bad names, folders, splits, files, or masks that do not fit the model.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise invalid_choice("quantize mode", quantize, [m for m in QUANTIZE_MODES if m])
+    if quantize and int8 is not None:
+        raise QzError("Pass quantize='ptq' (quantize the float model here) or an INT8 model file, not both.")
+    for label, value in (("calib_batches", calib_batches), ("limit", 1 if limit is None else limit)):
+        if value < 1:
+            raise QzError(f"{label} must be at least 1; got {value}.")
+    int8_model = None
+    if int8 is not None:
+        int8_model = load_quantized(int8)
+        saved = int8_model.qz_recipe["name"]
+        if model is not None and model != saved:
+            raise QzError(f"The INT8 model file {os.fspath(int8)!r} holds {saved!r}, not {model!r}.")
+        model = saved
+    if model is None:
+        raise QzError("Name the model to evaluate (or pass an INT8 model file, which names it).")
+    entry = get_model_entry(model)
+    if entry.task != "segmentation":
+        raise QzError(f"evaluate_segmenter() takes a segmentation model; {model!r} is a {entry.task} model.")
+
+    transform = get_model_transforms(model, weights)
+    model_kwargs = {k: v for k, v in (("num_classes", num_classes), ("aux_loss", aux_loss)) if v is not None}
+    dataset = VOCSegmentationFolder(data, split, transform)
+    float_model = None
+    if int8_model is None or weights is not None:
+        float_model = entry.builder(weights=weights, **model_kwargs).eval()
+    classes = _output_classes(float_model if float_model is not None else int8_model, dataset[0][0])
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    calib_data = None
+    if quantize:
+        if calib_split is not None:
+            calib_data = VOCSegmentationFolder(data, calib_split, transform)
+            calibration = f"split {calib_split!r}"
+        else:
+            if len(dataset) < 2:
+                raise QzError(f"Split {split!r} has 1 image: too few to hold out calibration images.")
+            hold_out = min(calib_batches, len(dataset) // 5) or 1
+            calib_data, order = Subset(dataset, sorted(order[:hold_out])), order[hold_out:]
+            calibration = f"{hold_out} of the {len(dataset)} images of split {split!r}, held out (not evaluated)"
+    evaluated = Subset(dataset, sorted(order[:limit] if limit is not None else order))
+    loader = DataLoader(evaluated, batch_size=1, num_workers=workers)
+    result = SegmentationEval(
+        model=model,
+        weights=None if weights is None else str(weights),
+        data=str(dataset.root),
+        split=split,
+        images=len(evaluated),
+        num_classes=classes,
+    )
+    if float_model is not None:
+        result.fp32 = _timed_scores(float_model, loader, classes, "FP32", progress)
+    if quantize:
+        options = {"backend": backend, "activation_observer": activation_observer}
+        prepared = entry.builder(weights=weights, quantize=True, **options, **model_kwargs)
+        calib_loader = DataLoader(
+            calib_data, batch_size=1, num_workers=workers, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
+        seen = calibrate(prepared, calib_loader, num_batches=calib_batches, progress=progress)
+        result.calibration = f"{calibration}, {seen} images fed"
+        int8_model = convert(prepared, inplace=True)
+        result.int8_source = "PTQ"
+    elif int8_model is not None:
+        result.int8_source = os.fspath(int8)
+    if int8_model is not None:
+        result.backend = set_backend(int8_model.qz_recipe["options"]["backend"])
+        result.int8 = _timed_scores(int8_model, loader, classes, "INT8", progress)
+    return result
