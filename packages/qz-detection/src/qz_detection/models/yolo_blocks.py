@@ -1,0 +1,222 @@
+"""Quantizable versions of the ultralytics YOLO blocks used by the YOLOv3 and YOLOv5 configs.
+
+Each class subclasses the ultralytics block and only routes its tensor arithmetic through
+``FloatFunctional`` (residual adds, channel concats), so its parameters and state-dict keys are
+the ultralytics ones. ``swap_blocks`` turns a built ultralytics model into the quantizable one in
+place by changing each block's class: the weights stay where they are.
+
+Unprepared, every block computes exactly what the ultralytics block computes: ``FloatFunctional``
+calls the same ``torch.add``/``torch.cat`` and ``DeQuantStub`` is the identity.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics reaches for the network at import without it
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.ao.nn.quantized import FloatFunctional  # noqa: E402
+from torch.ao.quantization import DeQuantStub, QuantStub  # noqa: E402
+from ultralytics.nn.modules import C3, DFL, SPP, SPPF, Bottleneck, Concat, Conv, Detect, DWConv  # noqa: E402
+
+from qz_core import QzError  # noqa: E402
+from qz_core.modules import QuantizableSiLU  # noqa: E402
+
+__all__ = [
+    "QuantizableBottleneck",
+    "QuantizableC3",
+    "QuantizableConcat",
+    "QuantizableDetect",
+    "QuantizableSPP",
+    "QuantizableSPPF",
+    "swap_blocks",
+]
+
+
+class QuantizableBottleneck(Bottleneck):
+    """Bottleneck whose residual add runs through ``FloatFunctional``."""
+
+    def init_quant_ops(self) -> None:
+        """Adds the quantizable arithmetic (an add only where the block has a shortcut)."""
+        if self.add:
+            self.skip_add = FloatFunctional()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.cv2(self.cv1(x))
+        return self.skip_add.add(x, y) if self.add else y
+
+
+class QuantizableC3(C3):
+    """CSP bottleneck (C3) whose channel concat runs through ``FloatFunctional``."""
+
+    def init_quant_ops(self) -> None:
+        """Adds the quantizable concat."""
+        self.cat = FloatFunctional()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.cv3(self.cat.cat([self.m(self.cv1(x)), self.cv2(x)], 1))
+
+
+class QuantizableSPPF(SPPF):
+    """SPPF: repeated INT8 max pools, a ``FloatFunctional`` concat (and add, with a shortcut)."""
+
+    def init_quant_ops(self) -> None:
+        """Adds the quantizable concat and, for a shortcut, the add."""
+        self.cat = FloatFunctional()
+        if getattr(self, "add", False):
+            self.skip_add = FloatFunctional()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(getattr(self, "n", 3)))
+        y = self.cv2(self.cat.cat(y, 1))
+        return self.skip_add.add(y, x) if getattr(self, "add", False) else y
+
+
+class QuantizableSPP(SPP):
+    """SPP (YOLOv3-SPP): parallel INT8 max pools and a ``FloatFunctional`` concat."""
+
+    def init_quant_ops(self) -> None:
+        """Adds the quantizable concat."""
+        self.cat = FloatFunctional()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.cv1(x)
+        return self.cv2(self.cat.cat([x] + [m(x) for m in self.m], 1))
+
+
+class QuantizableConcat(Concat):
+    """The neck's feature concat, through ``FloatFunctional``."""
+
+    def init_quant_ops(self) -> None:
+        """Adds the quantizable concat."""
+        self.cat = FloatFunctional()
+
+    def forward(self, x: list[Tensor]) -> Tensor:
+        return self.cat.cat(list(x), self.d)
+
+
+class QuantizableDetect(Detect):
+    """Detect head: box and class convs and the per-level concat in INT8, decoding in float.
+
+    The head's outputs are dequantized right after the concat of the levels (``boxes``: DFL logits,
+    ``scores``: class logits). What follows is post-processing and stays in float: the DFL integral
+    (a fixed ``arange`` conv after a softmax), anchor making, ``dist2bbox`` and the sigmoid and
+    concat of boxes and scores.
+    """
+
+    def init_quant_ops(self) -> None:
+        """Adds the level concats and the dequant stub; keeps the DFL integral out of quantization."""
+        if getattr(self, "one2one_cv2", None) is not None:
+            raise QzError("End-to-end (one-to-one) YOLO heads are not quantizable in qz yet; use a v3/v5 config.")
+        self.box_cat = FloatFunctional()
+        self.score_cat = FloatFunctional()
+        self.dequant = DeQuantStub()
+        if isinstance(self.dfl, DFL):
+            self.dfl.qconfig = None  # float post-processing: prepare() must not observe or convert it
+
+    def forward_head(
+        self, x: list[Tensor], box_head: nn.Module | None = None, cls_head: nn.Module | None = None
+    ) -> dict[str, Tensor | list[Tensor]]:
+        if box_head is None or cls_head is None:
+            return {}
+        bs = x[0].shape[0]
+        boxes = self.box_cat.cat([box_head[i](x[i]).view(bs, 4 * self.reg_max, -1) for i in range(self.nl)], -1)
+        scores = self.score_cat.cat([cls_head[i](x[i]).view(bs, self.nc, -1) for i in range(self.nl)], -1)
+        # Anchors are made from the feature maps' shape and dtype: they must be float tensors.
+        feats = [self.dequant(f) for f in x]
+        return {"boxes": self.dequant(boxes), "scores": self.dequant(scores), "feats": feats}
+
+
+_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+    Bottleneck: QuantizableBottleneck,
+    C3: QuantizableC3,
+    SPPF: QuantizableSPPF,
+    SPP: QuantizableSPP,
+    Concat: QuantizableConcat,
+    Detect: QuantizableDetect,
+}
+# Modules that run on quantized tensors as they are (or hold no computation of their own).
+_SUPPORTED: tuple[type[nn.Module], ...] = (
+    *_SWAPS.values(),
+    nn.Sequential,
+    nn.ModuleList,
+    Conv,
+    DWConv,
+    nn.Conv2d,
+    nn.BatchNorm2d,
+    nn.SiLU,
+    QuantizableSiLU,
+    nn.Sigmoid,
+    nn.Identity,
+    nn.Upsample,
+    nn.MaxPool2d,
+    nn.ZeroPad2d,
+    DFL,
+    FloatFunctional,
+    QuantStub,
+    DeQuantStub,
+)
+
+
+_pad_symbolic_registered = False
+
+
+def register_quantized_pad_symbolic() -> None:
+    """Lets the TorchScript ONNX exporter take quantized inputs in ``aten::pad``/``constant_pad_nd``.
+
+    YOLOv3-tiny zero-pads an INT8 tensor before its last max pool. PyTorch pads with the zero point
+    (real 0.0); the stock opset-11 symbolic rejects the quantized input. Wrapped in
+    ``quantized_args`` it exports as DequantizeLinear -> Pad(0.0) -> QuantizeLinear with the input's
+    scale, which computes the same bytes. Float inputs export as before. (Belongs in qz_core's
+    ``onnx_export._register_quantized_symbolics`` beside permute/gelu/transpose.)
+    """
+    global _pad_symbolic_registered
+    if _pad_symbolic_registered:
+        return
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper, symbolic_opset11
+
+    for op in ("pad", "constant_pad_nd"):
+        symbolic = symbolic_helper.quantized_args(True)(getattr(symbolic_opset11, op))
+        torch.onnx.register_custom_op_symbolic(f"aten::{op}", symbolic, 11)
+    _pad_symbolic_registered = True
+
+
+def swap_blocks(model: nn.Module) -> None:
+    """Turns every ultralytics block of ``model`` into its quantizable subclass, in place.
+
+    Raises:
+        QzError: the model holds a module with no quantizable counterpart in qz (a newer YOLO block).
+    """
+    unsupported = sorted(
+        {type(m).__name__ for m in model.modules() if m is not model and type(m) not in (*_SWAPS, *_SUPPORTED)}
+    )
+    if unsupported:
+        raise QzError(
+            f"No quantizable version of ultralytics module(s) {', '.join(unsupported)}. "
+            f"qz quantizes the YOLOv3/YOLOv5 blocks: {', '.join(sorted(c.__name__ for c in _SWAPS))} "
+            "besides Conv, nn.Upsample and nn.MaxPool2d."
+        )
+    if any(type(m) is nn.ZeroPad2d for m in model.modules()):
+        register_quantized_pad_symbolic()
+    for module in model.modules():
+        quantizable = _SWAPS.get(type(module))
+        if quantizable is not None:
+            module.__class__ = quantizable
+            module.init_quant_ops()
+
+
+def conv_bn_groups(model: nn.Module, scopes: tuple[type[nn.Module], ...] | None = None) -> list[list[str]]:
+    """Dotted ``[conv, bn]`` pairs of every ultralytics Conv (inside ``scopes`` only, if given)."""
+    inside = None
+    if scopes is not None:
+        inside = [name for name, m in model.named_modules() if isinstance(m, scopes)]
+    groups = []
+    for name, module in model.named_modules():
+        if type(module) not in (Conv, DWConv) or type(module.bn) is not nn.BatchNorm2d:
+            continue
+        if inside is None or any(name.startswith(scope + ".") for scope in inside):
+            groups.append([f"{name}.conv", f"{name}.bn"])
+    return groups
