@@ -52,9 +52,14 @@ def torchvision_reference(name: str, frozen: bool = False, **kwargs) -> nn.Modul
 
 
 @torch.no_grad()
-def assert_matches_torchvision(name: str, tmp_path, frozen: bool = False, score_thresh: float = 0.0, **kwargs) -> None:
-    """Unconverted, qz's ``name`` loaded from torchvision's checkpoint gives torchvision's boxes, scores, labels."""
-    kwargs = {**SMALL, **kwargs}
+def assert_matches_torchvision(
+    name: str, tmp_path, frozen: bool = False, score_thresh: float = 0.0, small: bool = True, **kwargs
+) -> None:
+    """Unconverted, qz's ``name`` loaded from torchvision's checkpoint gives torchvision's boxes, scores, labels.
+
+    ``small``: R-CNN-style transforms take ``min_size``/``max_size``; SSDs resize to their fixed size.
+    """
+    kwargs = {**SMALL, **kwargs} if small else kwargs
     reference = torchvision_reference(name, frozen, **kwargs)
     if hasattr(reference, "score_thresh"):
         reference.score_thresh = score_thresh
@@ -76,14 +81,16 @@ def assert_matches_torchvision(name: str, tmp_path, frozen: bool = False, score_
     assert all(torch.isfinite(t).all() for t in dense_ours.values())
 
 
-def assert_fully_supported(name: str, tmp_path, slack: float = 1.5, **build_kwargs) -> SupportResult:
+def assert_fully_supported(
+    name: str, tmp_path, slack: float = 1.5, small: bool = True, size: tuple[int, int] = (150, 170), **build_kwargs
+) -> SupportResult:
     """PTQ (x86, qnnpack), QAT with targets, FP32 and INT8 ONNX of the dense network, all agreeing.
 
     Random-weight detectors compound INT8 error over 50+ layers: the INT8 head outputs must stay
     within half their range of FP32, and onnxruntime's INT8 within ``slack`` of PyTorch's own error.
     """
-    build_kwargs = {**SMALL, "activation_observer": "minmax", **build_kwargs}
-    x = torch.rand(1, 3, 150, 170, generator=torch.Generator().manual_seed(1))
+    build_kwargs = {**(SMALL if small else {}), "activation_observer": "minmax", **build_kwargs}
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
     result = probe_detector(name, example_input=x, work_dir=tmp_path, build_kwargs=build_kwargs)
     assert result.errors == {}, result.errors
     assert result.ptq and result.qat

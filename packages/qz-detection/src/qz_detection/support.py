@@ -220,7 +220,7 @@ def probe_detector(
 
     def qat() -> None:
         model = entry.builder(weights=str(checkpoint), quantize=True, is_qat=True, backend=available[0], **kwargs)
-        images = batches[0]
+        images = torch.cat(batches[:2])  # BatchNorm trains on 1x1 maps (SSDLite's last block): two images
         data = [(images, random_targets(images, num_classes=model_num_classes(model)))]
         losses = train_qat_detection(model, data, lr=1e-5, progress=False)
         if not all(math.isfinite(v) for v in losses):
