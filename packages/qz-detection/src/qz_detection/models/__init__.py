@@ -7,3 +7,4 @@ from qz_detection.models.fcos import *  # noqa: F403
 from qz_detection.models import yolo  # noqa: F401
 from qz_detection.models.ssd import *  # noqa: F403
 from qz_detection.models.ssdlite import *  # noqa: F403
+from qz_detection.models.faster_rcnn import *  # noqa: F403
