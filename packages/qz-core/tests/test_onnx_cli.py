@@ -153,3 +153,29 @@ def test_support_probe_reports_each_step(tmp_path):
     assert result.errors == {} and result.ptq and result.qat
     assert result.engines == {"x86": True, "qnnpack": True} and result.int8_onnx and result.fp32_onnx
     json.dumps(result.as_dict())
+
+
+def test_int8_model_with_dict_outputs_exports(tmp_path):
+    import torch.ao.quantization as tq
+
+    class TwoHeads(torch.nn.Module):  # a segmenter's {"out", "aux"}, a detector's dicts
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant, self.dequant_aux = tq.QuantStub(), tq.DeQuantStub(), tq.DeQuantStub()
+            self.out, self.aux = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            x = self.quant(x)
+            return {"out": self.dequant(self.out(x)), "extra": [{"aux": self.dequant_aux(self.aux(x))}]}
+
+    model = TwoHeads().eval()
+    model.qconfig = qz_core.make_qconfig("x86")
+    qz_core.set_backend("x86")
+    tq.prepare(model, inplace=True)
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    int8 = tq.convert(model)
+    report = qz_core.export_onnx(int8, tmp_path / "two_heads.onnx", x)
+    outputs = qz_core.run_onnx(report.path, x)
+    assert [o.shape for o in outputs] == [(2, 4, 8, 8), (2, 2, 8, 8)]  # flattened in the dict's order
+    assert report.max_abs_diff <= 0.05 * report.output_range

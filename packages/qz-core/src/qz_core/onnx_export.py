@@ -119,6 +119,31 @@ def run_onnx(path: str | os.PathLike, example_input: Tensor | tuple[Tensor, ...]
     return session.run(None, feeds)
 
 
+def _tensors_of(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in _tensors_of(v)]
+    if isinstance(output, (list, tuple)):
+        return [t for v in output for t in _tensors_of(v)]
+    return []
+
+
+class _FlatOutputs(nn.Module):
+    """Returns a model's output tensors as one flat tuple, in ``_flatten``'s order.
+
+    The TorchScript exporter traces quantized models strictly, and a strict trace refuses dict
+    outputs (segmenters' ``{"out", "aux"}``, detectors' lists of dicts). The graph is the same.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_tensors_of(self.model(*inputs)))
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -143,12 +168,16 @@ def export_onnx(
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     input_names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     dynamic_axes = {n: {0: "batch"} for n in input_names} if dynamic_batch else None
+    with torch.no_grad():
+        sample = model(*inputs)
+    plain = isinstance(sample, Tensor) or (isinstance(sample, tuple) and all(isinstance(t, Tensor) for t in sample))
+    exported = model if plain else _FlatOutputs(model).eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # qz uses the TorchScript exporter on purpose: the dynamo one cannot take quantized models.
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             torch.onnx.export(
-                model,
+                exported,
                 inputs,
                 os.fspath(path),
                 opset_version=opset,
@@ -161,8 +190,7 @@ def export_onnx(
     size_mb = path.stat().st_size / 2**20
     if not check:
         return OnnxReport(path, opset, quantized, size_mb, None, None, None)
-    with torch.no_grad():
-        expected = _flatten(model(*inputs))
+    expected = _flatten(sample)
     got = run_onnx(path, tuple(inputs))
     if len(got) != len(expected):
         raise QzError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(expected)}.")

@@ -6,7 +6,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torch.nn import functional as F
@@ -89,15 +88,6 @@ def upsample_logits(logits: Tensor, size: Any, dequant: DeQuantStub) -> Tensor:
     return F.interpolate(dequant(logits), size=size, mode="bilinear", align_corners=False)
 
 
-def segmentation_output(result: OrderedDict[str, Tensor]) -> dict[str, Tensor] | tuple[Tensor, ...]:
-    """The model output: an OrderedDict (``"out"``, ``"aux"``), or under tracing a tuple of its values.
-
-    torch.onnx exports an INT8 model by first running ``torch.jit.trace`` in strict mode, which
-    rejects dict outputs; the ONNX graph returns the same tensors in the same order.
-    """
-    return tuple(result.values()) if torch.jit.is_tracing() else result
-
-
 class QuantizableSegmentationModel(_SimpleSegmentationModel):
     """torchvision's backbone + classifier (+ aux classifier) segmenter between quant/dequant stubs.
 
@@ -116,7 +106,7 @@ class QuantizableSegmentationModel(_SimpleSegmentationModel):
         result["out"] = upsample_logits(self.classifier(features["out"]), input_shape, self.dequant)
         if self.aux_classifier is not None:
             result["aux"] = upsample_logits(self.aux_classifier(features["aux"]), input_shape, self.dequant)
-        return segmentation_output(result)
+        return result
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
         """Fuses the backbone as its own ``fuse_model`` does; with ``level='all'`` the heads too."""

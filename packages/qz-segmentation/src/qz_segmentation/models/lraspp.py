@@ -17,7 +17,6 @@ from qz_segmentation.models._base import (
     fuse_heads,
     mobilenet_v3_features,
     mobilenet_v3_getter,
-    segmentation_output,
     upsample_logits,
 )
 
@@ -57,7 +56,7 @@ class QuantizableLRASPP(LRASPP):
         features = self.backbone(self.quant(input))
         result = OrderedDict()
         result["out"] = upsample_logits(self.classifier(features), input.shape[-2:], self.dequant)
-        return segmentation_output(result)
+        return result
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
         """Fuses the backbone as MobileNetV3 does; with ``level='all'`` the head's conv-bn-ReLU too."""
