@@ -362,3 +362,28 @@ def test_busy_machine_is_flagged() -> None:
     assert "Busy machine" not in bench_markdown([row], quiet)
     busy = quiet | {"load_average_end": [3.9, 3.0, 2.0]}
     assert "1-minute load average 0.1 before and 3.9 after the run" in bench_markdown([row], busy)
+
+
+def test_budget_cuts_rounds_of_slow_runners_only() -> None:
+    import time
+
+    from qz_core.bench import compare_latency
+
+    def slow() -> None:
+        time.sleep(0.02)
+
+    timed = compare_latency({"a": slow, "b": slow}, warmup=1, rounds=20, budget_s=0.2)
+    assert timed["a"].runs == timed["b"].runs == 5  # 0.2 s / 0.04 s a round, but never below 5
+    assert compare_latency({"a": slow}, warmup=1, rounds=3, budget_s=0.01)["a"].runs == 3  # never above rounds
+    assert compare_latency({"a": lambda: None}, warmup=1, rounds=7, budget_s=0.2)["a"].runs == 7
+
+
+def test_rows_are_handed_over_as_they_come(tmp_path) -> None:
+    seen = []
+    rows = run_benchmark(
+        [TINY, "qz_no_such_model"], rounds=1, warmup=0, ort=False, progress=False, on_row=lambda r: seen.append(len(r))
+    )
+    assert seen == [1, 2] and rows[1].error
+    meta = {"threads": 1, "rounds": 20, "budget_s": 30.0, "partial": 1}
+    text = bench_markdown(rows[:1], meta)
+    assert "median of up to 20 (fewer, at least 5, past 30 s a model" in text and "1 model(s) so far" in text

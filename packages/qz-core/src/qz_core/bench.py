@@ -48,6 +48,8 @@ def compare_latency(
     rounds: int = 20,
     threads: int | None = None,
     progress: bool = False,
+    budget_s: float | None = None,
+    min_rounds: int = 5,
 ) -> dict[str, Latency]:
     """Times several callables interleaved, round by round, so machine drift hits all alike.
 
@@ -56,13 +58,22 @@ def compare_latency(
         warmup: untimed calls of each before timing.
         rounds: timed calls of each.
         threads: intra-op threads (unchanged when None).
+        budget_s: if given, fewer rounds (never below ``min_rounds``) when ``rounds`` of them would
+            take longer than this many seconds, judged from the last warmup round: big models get
+            a sweep done in hours, not days, and say how many rounds they got (``Latency.runs``).
     """
     timing_setup(threads)
     samples: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
-        for run in runners.values():
+        last_call_s = {}
+        for name, run in runners.items():
             for _ in range(warmup):
+                start = time.perf_counter()
                 run()
+                last_call_s[name] = time.perf_counter() - start
+        round_s = sum(last_call_s.values())
+        if budget_s is not None and round_s > 0:
+            rounds = min(rounds, max(min_rounds, int(budget_s / round_s)))
         for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress):
             for name, run in runners.items():
                 start = time.perf_counter()

@@ -348,6 +348,7 @@ def _bench_one(
     compare_torchvision: bool,
     work: Path,
     build_kwargs: dict[str, Any],
+    budget_s: float | None = None,
 ) -> None:
     entry = get_model_entry(name)
     generator = torch.Generator().manual_seed(0)
@@ -412,7 +413,7 @@ def _bench_one(
         else:
             row.notes["tv_int8"] = "torchvision has no quantizable model of this name"
     set_backend(row.backend)
-    for key, lat in compare_latency(runners, warmup=warmup, rounds=rounds, threads=threads).items():
+    for key, lat in compare_latency(runners, warmup=warmup, rounds=rounds, threads=threads, budget_s=budget_s).items():
         row.latency[key] = lat
     if row.meets_target is False:  # say where the time goes, in both INT8 engines
         if int8 is not None:
@@ -442,6 +443,8 @@ def run_benchmark(
     input_size: tuple[int, int] | None = None,
     build_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    budget_s: float | None = None,
+    on_row: Callable[[list[BenchRow]], Any] | None = None,
 ) -> list[BenchRow]:
     """Quantizes and times each model; a model that fails is a row with its error, and the run goes on.
 
@@ -462,6 +465,8 @@ def run_benchmark(
         calib_batches: random calibration batches (of 2 images).
         input_size: (height, width) instead of each model's standard input size.
         build_kwargs: extra builder keywords for every model (e.g. ``num_classes``).
+        budget_s: timing seconds per model; slow models get fewer rounds (at least 5).
+        on_row: called with the rows so far after each model (to save results as they come).
     """
     names = list(names)
     for label, value in (("batch_size", batch_size), ("threads", threads), ("rounds", rounds)):
@@ -498,12 +503,15 @@ def run_benchmark(
                     compare_torchvision=compare_torchvision,
                     work=Path(work),
                     build_kwargs=dict(build_kwargs or {}),
+                    budget_s=budget_s,
                 )
         except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the sweep
             row.error = (f"{row.error}; " if row.error else "") + _message(exc)
         row.peak_rss_mb = peak_rss_mb()
         row.seconds = time.perf_counter() - start
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         gc.collect()
     return rows
 

@@ -72,6 +72,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "weights": args.weights or "random (BatchNorm statistics re-estimated)",
         "calib_batches": args.calib_batches,
         "ort_quantize": args.ort_quantize,
+        "budget_s": args.budget,
     }
     rows = run_benchmark(
         names,
@@ -86,6 +87,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         compare_torchvision=args.torchvision,
         calib_batches=args.calib_batches,
         input_size=args.input_size,
+        budget_s=args.budget,
+        # Saved after every model: a sweep stopped half-way keeps what it measured.
+        on_row=lambda done: write_bench_outputs(done, args.out, meta | {"partial": len(done)}, plots=False),
     )
     meta["load_average_end"] = machine_info(args.threads, backend)["load_average"]
     paths = write_bench_outputs(rows, args.out, meta)
@@ -144,6 +148,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")
     p.add_argument("--calib-batches", type=int, default=4, help="random calibration batches of 2 images")
     p.add_argument("--input-size", type=_input_size, default=None, help="H or HxW instead of each model's own")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="timing seconds per model: slower models get fewer rounds (at least 5); default: always --rounds",
+    )
     p.add_argument("--readme", default=None, help="rewrite the bench-table block of this README")
     p.add_argument(
         "--from",

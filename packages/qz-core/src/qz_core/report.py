@@ -78,10 +78,12 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     if meta:
         lines += [
             f"Batch {rows[0].batch_size if rows else 1}, {meta.get('threads')} thread(s), backend "
-            f"{meta.get('backend')}, median of {meta.get('rounds')} interleaved rounds; {meta.get('cpu')}, "
+            f"{meta.get('backend')}, median of {_rounds(meta)} interleaved rounds; {meta.get('cpu')}, "
             f"torch {meta.get('torch')}, onnxruntime {meta.get('onnxruntime')} ({meta.get('date')}).",
             "",
         ]
+        if meta.get("partial"):
+            lines += [f"Partial: the run is still going or was stopped; {meta['partial']} model(s) so far.", ""]
         busy = _busy_warning(meta)
         lines += [busy, ""] if busy else []
     table = _table(header, body)
@@ -95,6 +97,12 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     notes = [(r.model, f"{k}: {v}") for r in rows for k, v in r.notes.items() if k != "tv_int8" or tv]
     lines += _notes("Notes:", notes)
     return "\n".join(lines) + "\n"
+
+
+def _rounds(meta: dict[str, Any]) -> str:
+    if meta.get("budget_s") is None:
+        return str(meta.get("rounds"))
+    return f"up to {meta.get('rounds')} (fewer, at least 5, past {meta['budget_s']:g} s a model; see bench.csv)"
 
 
 def _busy_warning(meta: dict[str, Any]) -> str:
@@ -223,8 +231,10 @@ def _plot_latency_size(rows: Sequence[BenchRow], path: Path) -> None:
     plt.close(fig)
 
 
-def write_bench_outputs(rows: Sequence[BenchRow], out_dir: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Path]:
-    """Writes bench.csv, bench.json, bench.md and (with matplotlib) the two PNG plots; returns the paths."""
+def write_bench_outputs(
+    rows: Sequence[BenchRow], out_dir: str | os.PathLike, meta: dict[str, Any], *, plots: bool = True
+) -> dict[str, Path]:
+    """Writes bench.csv, bench.json, bench.md and (with matplotlib and ``plots``) two PNG plots; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [r.as_dict() for r in rows]
@@ -238,6 +248,8 @@ def write_bench_outputs(rows: Sequence[BenchRow], out_dir: str | os.PathLike, me
     payload = {"meta": meta, "runners": runners, "rows": structured}
     paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
     paths["markdown"].write_text(bench_markdown(rows, meta))
+    if not plots:
+        return paths
     try:
         import matplotlib
 
