@@ -11,8 +11,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import qz_core
-from qz_core.support import SupportResult
-from qz_detection.support import probe_detector
+from qz_core.support import SupportResult, probe_model
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -91,7 +90,8 @@ def assert_fully_supported(
     """
     build_kwargs = {**(SMALL if small else {}), "activation_observer": "minmax", **build_kwargs}
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
-    result = probe_detector(name, example_input=x, work_dir=tmp_path, build_kwargs=build_kwargs)
+    # Through the core's probe_model, as `qz support` runs it: the registration hands it to probe_detector.
+    result = probe_model(name, example_input=x, work_dir=tmp_path, build_kwargs=build_kwargs)
     assert result.errors == {}, result.errors
     assert result.ptq and result.qat
     assert result.engines == {"x86": True, "qnnpack": True}

@@ -111,13 +111,24 @@ def probe_model(
         calib_batches: random calibration batches.
         onnx: also export FP32 and INT8 (first engine) ONNX and run them in onnxruntime.
         build_kwargs: extra builder keywords (e.g. ``num_classes``).
+
+    A family whose models need another path registers it: ``probe=`` in the entry's metadata
+    replaces this function (detectors: targets for QAT, raw head outputs to compare), and
+    ``probe_build_kwargs=`` are builder keywords every probe of the model gets (YOLO's
+    ``export=True``: the deployable output).
     """
+    entry = get_model_entry(name)
+    build_kwargs = {**entry.meta.get("probe_build_kwargs", {}), **(build_kwargs or {})}
     options = dict(engines=engines, example_input=example_input, calib_batches=calib_batches, onnx=onnx, opset=opset)
+    probe = entry.meta.get("probe")
+    if probe is not None and example_input is None:
+        options["example_input"] = torch.rand(1, 3, *entry.input_size)
+    probe = probe or _probe_model
     if work_dir is not None:
-        return _probe_model(name, work_dir=Path(work_dir), build_kwargs=build_kwargs, **options)
+        return probe(name, work_dir=Path(work_dir), build_kwargs=build_kwargs, **options)
     # Checkpoints and ONNX files can take GBs: never leave them behind.
     with tempfile.TemporaryDirectory(prefix="qz-probe-") as tmp:
-        return _probe_model(name, work_dir=Path(tmp), build_kwargs=build_kwargs, **options)
+        return probe(name, work_dir=Path(tmp), build_kwargs=build_kwargs, **options)
 
 
 def _probe_model(

@@ -266,7 +266,15 @@ def register_detector(
         default_transforms=lambda: weights_enum.DEFAULT.transforms(),
         qat_loss=None,
         qat_needs_targets=True,
+        probe=_probe_detector,
     )
+
+
+def _probe_detector(name: str, **kwargs: Any) -> Any:
+    """``qz_detection.support.probe_detector``, the probe ``qz support`` runs on torchvision detectors."""
+    from qz_detection.support import probe_detector
+
+    return probe_detector(name, **kwargs)
 
 
 _BUILDER_DOC = """Quantizable {name} (torchvision architecture, weights ``{weights}``).

@@ -240,6 +240,7 @@ def _define(name: str, cfg: str) -> Callable[..., QuantizableYOLO]:
         family="yolo",
         deployed_ratio_target=YOLO_DEPLOYED_RATIO_TARGET,
         config=cfg,
+        probe_build_kwargs={"export": True},  # probe (and export) the deployable output: predictions only
     )(builder)
 
 
