@@ -38,7 +38,17 @@ class OnnxReport:
         return text
 
 
-_QUANTIZED_PASSTHROUGH_OPS = ("permute", "gelu", "transpose")
+# aten ops whose stock symbolic rejects quantized inputs, by the opset module their symbolic comes from:
+# permute/transpose (ConvNeXt's LayerNorm), gelu, slice (a detector FPN's P6 ``x[..., ::2, ::2]``),
+# pad/constant_pad_nd (YOLOv3-tiny's ZeroPad2d: padding with the zero point is padding with 0.0).
+_QUANTIZED_PASSTHROUGH_OPS = {
+    "permute": 9,
+    "gelu": 9,
+    "transpose": 9,
+    "slice": 10,
+    "pad": 11,
+    "constant_pad_nd": 11,
+}
 _symbolics_registered = False
 
 
@@ -51,11 +61,14 @@ def _register_quantized_symbolics() -> None:
     global _symbolics_registered
     if _symbolics_registered:
         return
-    from torch.onnx._internal.torchscript_exporter import symbolic_helper, symbolic_opset9
+    import importlib
 
-    for op in _QUANTIZED_PASSTHROUGH_OPS:
-        symbolic = symbolic_helper.quantized_args(True)(getattr(symbolic_opset9, op))
-        torch.onnx.register_custom_op_symbolic(f"aten::{op}", symbolic, 9)
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper
+
+    for op, opset in _QUANTIZED_PASSTHROUGH_OPS.items():
+        module = importlib.import_module(f"torch.onnx._internal.torchscript_exporter.symbolic_opset{opset}")
+        symbolic = symbolic_helper.quantized_args(True)(getattr(module, op))
+        torch.onnx.register_custom_op_symbolic(f"aten::{op}", symbolic, opset)
     # Quantized BatchNorm (a BN-ReLU with no conv before it, as in DenseNet) has no stock symbolic.
     torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d", _quantized_batch_norm(relu=False), 10)
     torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d_relu", _quantized_batch_norm(relu=True), 10)

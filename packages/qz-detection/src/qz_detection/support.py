@@ -27,26 +27,6 @@ from qz_core.workflow import is_prepared
 Targets = list[dict[str, Tensor]]
 
 
-_slice_registered = False
-
-
-def register_quantized_slice_symbolic() -> None:
-    """Lets the TorchScript ONNX exporter slice INT8 tensors (the FPN's P6 subsampling, ``x[..., ::2, ::2]``).
-
-    Wrapped in ``quantized_args`` a quantized input exports as DequantizeLinear -> Slice -> QuantizeLinear
-    with the input's scale; float slices export as before. (A candidate for qz_core's passthrough list.)
-    """
-    global _slice_registered
-    if _slice_registered:
-        return
-    from torch.onnx._internal.torchscript_exporter import symbolic_helper, symbolic_opset10
-
-    torch.onnx.register_custom_op_symbolic(
-        "aten::slice", symbolic_helper.quantized_args(True)(symbolic_opset10.slice), 10
-    )
-    _slice_registered = True
-
-
 class DenseDetector(nn.Module):
     """The network part of a detector for ONNX: images in, raw head outputs (a tuple of tensors) out.
 
@@ -56,7 +36,6 @@ class DenseDetector(nn.Module):
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.detector = detector
-        register_quantized_slice_symbolic()
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         return tuple(self.detector.head_outputs(images).values())

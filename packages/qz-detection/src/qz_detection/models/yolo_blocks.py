@@ -15,7 +15,6 @@ import os
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics reaches for the network at import without it
 
-import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.ao.nn.quantized import FloatFunctional  # noqa: E402
 from torch.ao.quantization import DeQuantStub, QuantStub  # noqa: E402
@@ -161,29 +160,6 @@ _SUPPORTED: tuple[type[nn.Module], ...] = (
 )
 
 
-_pad_symbolic_registered = False
-
-
-def register_quantized_pad_symbolic() -> None:
-    """Lets the TorchScript ONNX exporter take quantized inputs in ``aten::pad``/``constant_pad_nd``.
-
-    YOLOv3-tiny zero-pads an INT8 tensor before its last max pool. PyTorch pads with the zero point
-    (real 0.0); the stock opset-11 symbolic rejects the quantized input. Wrapped in
-    ``quantized_args`` it exports as DequantizeLinear -> Pad(0.0) -> QuantizeLinear with the input's
-    scale, which computes the same bytes. Float inputs export as before. (Belongs in qz_core's
-    ``onnx_export._register_quantized_symbolics`` beside permute/gelu/transpose.)
-    """
-    global _pad_symbolic_registered
-    if _pad_symbolic_registered:
-        return
-    from torch.onnx._internal.torchscript_exporter import symbolic_helper, symbolic_opset11
-
-    for op in ("pad", "constant_pad_nd"):
-        symbolic = symbolic_helper.quantized_args(True)(getattr(symbolic_opset11, op))
-        torch.onnx.register_custom_op_symbolic(f"aten::{op}", symbolic, 11)
-    _pad_symbolic_registered = True
-
-
 def swap_blocks(model: nn.Module) -> None:
     """Turns every ultralytics block of ``model`` into its quantizable subclass, in place.
 
@@ -199,8 +175,6 @@ def swap_blocks(model: nn.Module) -> None:
             f"qz quantizes the YOLOv3/YOLOv5 blocks: {', '.join(sorted(c.__name__ for c in _SWAPS))} "
             "besides Conv, nn.Upsample and nn.MaxPool2d."
         )
-    if any(type(m) is nn.ZeroPad2d for m in model.modules()):
-        register_quantized_pad_symbolic()
     for module in model.modules():
         quantizable = _SWAPS.get(type(module))
         if quantizable is not None:
