@@ -109,14 +109,14 @@ def _busy_warning(meta: dict[str, Any]) -> str:
     """A warning line when the load average says other work shared the CPU with the run."""
     threads = meta.get("threads") or 1
     start = (meta.get("load_average") or [0.0])[0]
-    end = (meta.get("load_average_end") or [0.0])[0]
+    end = (meta.get("load_average_end") or [None])[0]
     # Before the run nothing of qz's was running; at its end the bench itself accounts for ``threads``.
-    if start <= 0.5 and end <= threads + 0.5:
+    if start <= 0.5 and (end is None or end <= threads + 0.5):
         return ""
+    when = f"{start:.1f} before" + ("" if end is None else f" and {end:.1f} after")
     return (
-        f"**Busy machine**: 1-minute load average {start:.1f} before and {end:.1f} after the run ({threads} "
-        "thread(s) are the bench's own), so other work competed for the cores: ratios are indicative only. "
-        "Publish numbers from a quiet machine."
+        f"**Busy machine**: 1-minute load average {when} the run ({threads} thread(s) are the bench's own), "
+        "so other work competed for the cores: ratios are indicative only. Publish numbers from a quiet machine."
     )
 
 
