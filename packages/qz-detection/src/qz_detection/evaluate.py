@@ -1,0 +1,373 @@
+"""COCO box mAP of detectors, FP32 or INT8: torchvision detectors and ultralytics YOLO.
+
+The two model kinds differ in one place, their ``DetectionFormat``: how an image in [0, 1] becomes
+the model's input and how the output becomes boxes (xyxy, in the original image's pixels), scores
+and labels. torchvision detectors take the image as it is (they normalize and resize inside and map
+their boxes back); YOLO takes a letterboxed image (long side resized to its input size, padded to a
+multiple of its stride) and its boxes go through ultralytics' NMS, then back through the letterbox.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from torchvision.transforms.functional import to_tensor
+from tqdm.auto import tqdm
+
+from qz_core import QzError, calibrate, convert, get_model_entry, image_dataset, load_quantized, set_backend
+from qz_core.errors import invalid_choice
+from qz_core.registry import ModelEntry
+from qz_detection.coco import CategoryMap, CocoImages, coco_results, coco_scores, find_coco, load_coco
+from qz_detection.support import model_num_classes
+
+QUANTIZE_MODES = (None, "ptq")
+LETTERBOX_FILL = 114 / 255  # ultralytics' grey padding
+Detections = tuple[Tensor, Tensor, Tensor]  # boxes (N, 4) xyxy in image pixels, scores (N,), labels (N,)
+
+
+def letterbox(image: Tensor, size: int, stride: int = 32) -> tuple[Tensor, tuple[float, float], tuple[int, int]]:
+    """Resizes ``image`` (3, H, W) so its long side is ``size`` and pads it to a multiple of ``stride``.
+
+    Returns:
+        The batch of one (1, 3, H', W'), the (x, y) scale and the (left, top) padding.
+    """
+    height, width = image.shape[-2:]
+    ratio = size / max(height, width)
+    new_h, new_w = max(round(height * ratio), 1), max(round(width * ratio), 1)
+    batch = image[None]
+    if (new_h, new_w) != (height, width):
+        batch = F.interpolate(batch, (new_h, new_w), mode="bilinear", align_corners=False, antialias=ratio < 1)
+    out_h, out_w = math.ceil(new_h / stride) * stride, math.ceil(new_w / stride) * stride
+    left, top = (out_w - new_w) // 2, (out_h - new_h) // 2
+    batch = F.pad(batch, (left, out_w - new_w - left, top, out_h - new_h - top), value=LETTERBOX_FILL)
+    return batch, (new_w / width, new_h / height), (left, top)
+
+
+def unletterbox(boxes: Tensor, scale: tuple[float, float], pad: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+    """Maps xyxy ``boxes`` from a ``letterbox`` output back to the original (H, W) image, clipped to it."""
+    boxes = boxes.clone()
+    boxes[:, 0::2] = ((boxes[:, 0::2] - pad[0]) / scale[0]).clamp(0, image_size[1])
+    boxes[:, 1::2] = ((boxes[:, 1::2] - pad[1]) / scale[1]).clamp(0, image_size[0])
+    return boxes
+
+
+class TorchvisionFormat:
+    """torchvision detectors: the image goes in as it is; boxes come back in its pixels."""
+
+    label_map = "category_id"
+    first_label = 1  # label 0 is the background
+
+    def inputs(self, image: Tensor, model: nn.Module) -> Tensor:
+        return image[None]
+
+    def detect(self, model: nn.Module, image: Tensor) -> Detections:
+        output = model([image])
+        if not (isinstance(output, list) and output and isinstance(output[0], dict) and "boxes" in output[0]):
+            raise QzError(f"{type(model).__name__} does not return torchvision detections (dicts with 'boxes').")
+        return output[0]["boxes"], output[0]["scores"], output[0]["labels"]
+
+    def num_labels(self, model: nn.Module, image: Tensor) -> int:
+        return model_num_classes(model)
+
+
+@dataclass
+class YoloFormat:
+    """ultralytics YOLO: letterboxed input, ultralytics' NMS (its validation settings), boxes mapped back."""
+
+    size: int = 640
+    conf_thres: float = 0.001
+    iou_thres: float = 0.7
+    max_det: int = 300
+    label_map = "contiguous"
+    first_label = 0
+
+    def inputs(self, image: Tensor, model: nn.Module) -> Tensor:
+        return letterbox(image, self.size, _stride(model))[0]
+
+    def predictions(self, model: nn.Module, image: Tensor) -> Tensor:
+        output = model(self.inputs(image, model))
+        predictions = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(predictions, Tensor) or predictions.dim() != 3 or predictions.shape[1] <= 4:
+            raise QzError(f"{type(model).__name__} does not return YOLO predictions (batch, 4 + classes, anchors).")
+        return predictions
+
+    def detect(self, model: nn.Module, image: Tensor) -> Detections:
+        from ultralytics.utils.nms import non_max_suppression
+
+        _, scale, pad = letterbox(image, self.size, _stride(model))
+        kept = non_max_suppression(
+            self.predictions(model, image), self.conf_thres, self.iou_thres, multi_label=True, max_det=self.max_det
+        )[0]
+        return unletterbox(kept[:, :4], scale, pad, tuple(image.shape[-2:])), kept[:, 4], kept[:, 5].long()
+
+    def num_labels(self, model: nn.Module, image: Tensor) -> int:
+        return self.predictions(model, image).shape[1] - 4
+
+
+def _stride(model: nn.Module) -> int:
+    stride = getattr(model, "stride", None)
+    return int(stride.max()) if isinstance(stride, Tensor) else 32
+
+
+def detection_format(entry: ModelEntry, image_size: int | None = None) -> TorchvisionFormat | YoloFormat:
+    """The input/output convention of a registered detector (by its family)."""
+    if entry.meta.get("family") == "yolo":
+        return YoloFormat(image_size or max(entry.input_size))
+    if image_size is not None:
+        raise QzError(f"image_size applies to YOLO models; {entry.name!r} resizes inside (pass min_size/max_size).")
+    return TorchvisionFormat()
+
+
+@torch.inference_mode()
+def detect_coco(
+    model: nn.Module,
+    data: Iterable[tuple[Tensor, int]],
+    fmt: TorchvisionFormat | YoloFormat,
+    category_map: CategoryMap,
+    *,
+    desc: str = "detect",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """COCO result records of ``model`` over (image, image id) pairs."""
+    model.eval()
+    results: list[dict[str, Any]] = []
+    for image, image_id in tqdm(data, desc=desc, unit="image", disable=not progress):
+        results += coco_results(image_id, *fmt.detect(model, image), category_map)
+    return results
+
+
+@dataclass
+class DetectionScores:
+    """COCO box metrics (in [0, 1]) of one model, with its detection count and the time it took."""
+
+    map: float
+    map50: float
+    ar100: float
+    detections: int
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class DetectionEval:
+    """FP32 and INT8 COCO scores of one detector on one annotated image folder."""
+
+    model: str
+    weights: str | None
+    images_dir: str
+    annotations: str
+    images: int
+    label_map: str
+    fp32: DetectionScores | None = None
+    int8: DetectionScores | None = None
+    int8_source: str | None = None
+    backend: str | None = None
+    calibration: str | None = None
+
+    @property
+    def delta(self) -> dict[str, float] | None:
+        """INT8 minus FP32; None unless both were evaluated."""
+        if self.fp32 is None or self.int8 is None:
+            return None
+        return {k: getattr(self.int8, k) - getattr(self.fp32, k) for k in ("map", "map50", "ar100")}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return asdict(self) | {"delta": self.delta}
+
+    def table(self) -> str:
+        """The result as a text table: one row per precision, INT8 - FP32 deltas."""
+        lines = [
+            f"{self.model} ({self.weights or 'random weights'}) on {self.images_dir}",
+            f"{self.images} images, annotations {self.annotations}, labels mapped: {self.label_map}",
+        ]
+        if self.calibration:
+            lines.append(f"calibration: {self.calibration}")
+        header = f"{'model':<18}{'mAP':>7}{'mAP50':>7}{'AR100':>7}{'mAP delta':>11}{'mAP50 delta':>13}"
+        header += f"{'dets':>8}{'img/s':>8}"
+        lines += ["", header, "-" * len(header)]
+        for name, scores in (("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}", self.int8)):
+            if scores is None:
+                continue
+            delta = self.delta if scores is self.int8 else None
+            d_map, d_map50 = (f"{delta['map']:+.3f}", f"{delta['map50']:+.3f}") if delta else ("-", "-")
+            lines.append(
+                f"{name.strip():<18}{scores.map:>7.3f}{scores.map50:>7.3f}{scores.ar100:>7.3f}{d_map:>11}{d_map50:>13}"
+                f"{scores.detections:>8}{scores.images_per_second:>8.2f}"
+            )
+        return "\n".join(lines)
+
+
+def _first(batch: list[Any]) -> Any:
+    return batch[0]
+
+
+def _timed_scores(
+    model: nn.Module, evaluated: Subset, fmt: Any, category_map: CategoryMap, desc: str, workers: int, progress: bool
+) -> DetectionScores:
+    dataset: CocoImages = evaluated.dataset
+    start = time.perf_counter()
+    data = DataLoader(evaluated, batch_size=1, collate_fn=_first, num_workers=workers)
+    results = detect_coco(model, data, fmt, category_map, desc=desc, progress=progress)
+    seconds = time.perf_counter() - start
+    scores = coco_scores(dataset.coco, results, [dataset.ids[i] for i in evaluated.indices])
+    return DetectionScores(**scores, detections=len(results), images=len(evaluated), seconds=seconds)
+
+
+# The next two functions are those every `qz eval TASK` shares (the classification and segmentation
+# evaluators hold the same lines inline): written to move into qz_core as they are.
+def check_eval_options(quantize: str | None, int8: str | os.PathLike | None, **counts: int | None) -> None:
+    """Checks the FP32-vs-INT8 options: a known quantize mode, not both PTQ and an INT8 file, counts >= 1.
+
+    Raises:
+        QzError: naming the bad value.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise invalid_choice("quantize mode", quantize, [m for m in QUANTIZE_MODES if m])
+    if quantize and int8 is not None:
+        raise QzError("Pass quantize='ptq' (quantize the float model here) or an INT8 model file, not both.")
+    for label, value in counts.items():
+        if value is not None and value < 1:
+            raise QzError(f"{label} must be at least 1; got {value}.")
+
+
+def resolve_eval_model(
+    model: str | None, int8: str | os.PathLike | None, task: str, caller: str
+) -> tuple[str, ModelEntry, nn.Module | None]:
+    """The model name, its registry entry and the loaded INT8 model (None without ``int8``).
+
+    Raises:
+        QzError: no name, an INT8 file holding another model, an unknown name, or a model of another task.
+    """
+    int8_model = None
+    if int8 is not None:
+        int8_model = load_quantized(int8)
+        saved = int8_model.qz_recipe["name"]
+        if model is not None and model != saved:
+            raise QzError(f"The INT8 model file {os.fspath(int8)!r} holds {saved!r}, not {model!r}.")
+        model = saved
+    if model is None:
+        raise QzError("Name the model to evaluate (or pass an INT8 model file, which names it).")
+    entry = get_model_entry(model)
+    if entry.task != task:
+        raise QzError(f"{caller} takes a {task} model; {model!r} is a {entry.task} model.")
+    return model, entry, int8_model
+
+
+def evaluate_detector(
+    model: str | None = None,
+    *,
+    data: str | os.PathLike,
+    split: str = "val2017",
+    annotations: str | os.PathLike | None = None,
+    weights: Any = None,
+    quantize: str | None = None,
+    int8: str | os.PathLike | None = None,
+    calib_images: str | os.PathLike | None = None,
+    calib_batches: int = 16,
+    backend: str | None = None,
+    activation_observer: str | None = None,
+    limit: int | None = None,
+    num_classes: int | None = None,
+    label_map: str | None = None,
+    image_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    seed: int = 0,
+) -> DetectionEval:
+    """COCO box mAP@[.5:.95], mAP@.5 and AR@100 of a detector, in FP32 and INT8.
+
+    Args:
+        model: registered detection model name; optional with ``int8`` (its file names the model).
+        data: a COCO root (``<split>/`` images, ``annotations/instances_<split>.json``), or with
+            ``annotations`` the images folder itself.
+        split: the split of a COCO root.
+        annotations: a COCO instances JSON file (then ``data`` is its images folder).
+        weights: enum name (``"DEFAULT"``) or float checkpoint (YOLO: a ``.pt`` or state dict file).
+        quantize: ``"ptq"`` to also quantize the float model and evaluate it.
+        int8: an INT8 model file written by ``qz_core.save_quantized`` to evaluate as the INT8 row.
+        calib_images: a folder of images that calibrates PTQ; without it up to ``calib_batches``
+            evaluation images are held out (and left out of both evaluations).
+        calib_batches: number of calibration images.
+        backend, activation_observer: PTQ engine and activation observer (the engine's defaults).
+        limit: evaluate this many images (a seeded sample).
+        num_classes: class count of a checkpoint with its own head.
+        label_map: ``"category_id"`` or ``"contiguous"`` (``qz_detection.coco.LABEL_MAPS``);
+            torchvision detectors default to the first, YOLO to the second.
+        image_size: YOLO's letterbox size (default: the model's input size, 640).
+        model_kwargs: further builder arguments (torchvision's ``min_size``, ``score_thresh``, ...).
+        progress: show tqdm bars.
+        seed: seed of the held-out and ``limit`` samples.
+
+    Raises:
+        QzError: bad names, folders, annotation files, missing images, or a model that is not a detector.
+    """
+    check_eval_options(quantize, int8, calib_batches=calib_batches, limit=limit)
+    model, entry, int8_model = resolve_eval_model(model, int8, "detection", "evaluate_detector()")
+
+    fmt = detection_format(entry, image_size)
+    images_dir, annotation_file = find_coco(data, split, annotations)
+    dataset = CocoImages(images_dir, load_coco(annotation_file))
+    kwargs = dict(model_kwargs or {}) | ({"num_classes": num_classes} if num_classes is not None else {})
+    float_model = None
+    if int8_model is None or weights is not None:
+        float_model = entry.builder(weights=weights, **kwargs).eval()
+    first_image = dataset[0][0]
+    with torch.inference_mode():
+        num_labels = fmt.num_labels((float_model or int8_model).eval(), first_image)
+    mode = label_map or fmt.label_map
+    category_map = CategoryMap.for_model(mode, dataset.coco.getCatIds(), num_labels, fmt.first_label)
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    calib_data: Any = None
+    if quantize:
+        if calib_images is not None:
+            calib_data = image_dataset(calib_images, to_tensor, purpose="calibration")
+            calibration = f"images of {os.fspath(calib_images)}"
+        else:
+            if len(dataset) < 2:
+                raise QzError(f"{str(images_dir)!r} has 1 annotated image: too few to hold out calibration images.")
+            hold_out = min(calib_batches, len(dataset) // 5) or 1
+            calib_data, order = Subset(dataset, sorted(order[:hold_out])), order[hold_out:]
+            calibration = f"{hold_out} of the {len(dataset)} images, held out (not evaluated)"
+    evaluated = Subset(dataset, sorted(order[:limit] if limit is not None else order))
+    ids = category_map.category_ids
+    result = DetectionEval(
+        model=model,
+        weights=None if weights is None else str(weights),
+        images_dir=str(images_dir),
+        annotations=str(annotation_file),
+        images=len(evaluated),
+        label_map=f"{mode} ({len(ids)} categories, ids {ids[0]}..{ids[-1]})",
+    )
+    if float_model is not None:
+        result.fp32 = _timed_scores(float_model, evaluated, fmt, category_map, "FP32", workers, progress)
+    if quantize:
+        options = {"backend": backend, "activation_observer": activation_observer}
+        prepared = entry.builder(weights=weights, quantize=True, **options, **kwargs)
+        shuffled = torch.randperm(len(calib_data), generator=torch.Generator().manual_seed(seed)).tolist()
+        batches = (fmt.inputs(calib_data[i][0], prepared) for i in shuffled[:calib_batches])
+        seen = calibrate(prepared, batches, progress=progress)
+        result.calibration = f"{calibration}, {seen} images fed"
+        int8_model = convert(prepared, inplace=True)
+        result.int8_source = "PTQ"
+    elif int8_model is not None:
+        result.int8_source = os.fspath(int8)
+    if int8_model is not None:
+        result.backend = set_backend(int8_model.qz_recipe["options"]["backend"])
+        result.int8 = _timed_scores(int8_model, evaluated, fmt, category_map, "INT8", workers, progress)
+    return result
