@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 
 from qz_core.backend import supported_backends
-from qz_core.cli import task_subcommands
-from qz_core.qconfig import ACTIVATION_OBSERVERS
+from qz_core.cli import add_eval_arguments, report_eval, task_subcommands
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -49,17 +45,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         progress=not args.no_progress,
     )
-    print()
-    print(result.table())
-    if args.json:
-        text = json.dumps(result.to_dict(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as file:
-                file.write(text + "\n")
-            print(f"results written to {args.json}", file=sys.stderr)
-    return 0
+    return report_eval(result, args.json)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -70,25 +56,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Top-1/top-5 accuracy on an ImageNet-style validation folder (one folder per synset id, "
         "n01440764/..., or per class index), FP32 and INT8 side by side.",
     )
-    p.add_argument("--model", default=None, help="model name (see 'qz list'); optional with --int8")
-    p.add_argument("--weights", default=None, help="weights name (DEFAULT, IMAGENET1K_V1, ...) or float checkpoint")
-    p.add_argument("--data", required=True, help="validation folder: class folders in DIR or DIR/val")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quantize", choices=["ptq"], default=None, help="also quantize (PTQ) and evaluate INT8")
-    mode.add_argument("--int8", default=None, help="evaluate this INT8 model file (from 'qz quantize')")
-    p.add_argument("--calib", default=None, help="calibration folder for --quantize ptq (default: held-out data)")
-    p.add_argument("--calib-batches", type=int, default=16)
-    p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")
-    p.add_argument(
-        "--activation-observer", choices=sorted(ACTIVATION_OBSERVERS), default=None, help="default: the engine's"
+    add_eval_arguments(
+        p,
+        task="classification",
+        weights_help="weights name (DEFAULT, IMAGENET1K_V1, ...) or float checkpoint",
+        data_help="validation folder: class folders in DIR or DIR/val",
     )
+    p.add_argument("--calib", default=None, help="calibration folder for --quantize ptq (default: held-out data)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N images")
     p.add_argument("--class-index", default=None, help="file mapping folder names to class indices (other labels)")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of a non-ImageNet checkpoint")
-    p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-': stdout)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -46,6 +46,49 @@ def task_subcommands(sub: argparse._SubParsersAction, command: str) -> argparse.
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
+def add_eval_arguments(p: argparse.ArgumentParser, *, task: str, weights_help: str, data_help: str) -> None:
+    """The options every ``qz eval TASK`` shares: model and weights, the data, FP32 vs INT8 (PTQ or an
+    INT8 file), backend and observer, sampling, output. A task adds its own (splits, batch size) beside them.
+    """
+    from qz_core.qconfig import ACTIVATION_OBSERVERS
+
+    p.add_argument("--model", default=None, help=f"model name (see 'qz list --task {task}'); optional with --int8")
+    p.add_argument("--weights", default=None, help=weights_help)
+    p.add_argument("--data", required=True, help=data_help)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quantize", choices=["ptq"], default=None, help="also quantize (PTQ) and evaluate INT8")
+    mode.add_argument("--int8", default=None, help="evaluate this INT8 model file (from 'qz quantize')")
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches for --quantize ptq")
+    p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")
+    p.add_argument(
+        "--activation-observer", choices=sorted(ACTIVATION_OBSERVERS), default=None, help="default: the engine's"
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N images")
+    p.add_argument("--num-classes", type=int, default=None, help="class count of a checkpoint with its own head")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-': stdout)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def report_eval(result: Any, json_target: str | None) -> int:
+    """Prints an evaluation result's FP32-vs-INT8 table (``result.table()``) and, if asked, its JSON
+    (``result.to_dict()``) to a file or, for ``'-'``, to stdout. Returns the exit status 0.
+    """
+    import json
+
+    print()
+    print(result.table())
+    if json_target:
+        text = json.dumps(result.to_dict(), indent=2)
+        if json_target == "-":
+            print(text)
+        else:
+            with open(json_target, "w") as file:
+                file.write(text + "\n")
+            print(f"results written to {json_target}", file=sys.stderr)
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     entry = get_model_entry(args.model)
     options: dict[str, Any] = {

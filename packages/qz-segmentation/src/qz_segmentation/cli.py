@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 
-from qz_core.backend import supported_backends
-from qz_core.cli import task_subcommands
-from qz_core.qconfig import ACTIVATION_OBSERVERS
+from qz_core.cli import add_eval_arguments, report_eval, task_subcommands
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -32,17 +27,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
-    print()
-    print(result.table())
-    if args.json:
-        text = json.dumps(result.to_dict(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as file:
-                file.write(text + "\n")
-            print(f"results written to {args.json}", file=sys.stderr)
-    return 0
+    return report_eval(result, args.json)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,23 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Mean IoU and pixel accuracy on a Pascal VOC-layout folder (JPEGImages/, SegmentationClass/ "
         "PNG masks with 255 = ignore, ImageSets/Segmentation/<split>.txt), FP32 and INT8 side by side.",
     )
-    p.add_argument("--model", default=None, help="model name (see 'qz list --task segmentation'); optional with --int8")
-    p.add_argument("--weights", default=None, help="weights name (DEFAULT, ...) or float checkpoint")
-    p.add_argument("--data", required=True, help="VOC folder (or a parent holding VOC2012/ or VOCdevkit/VOC2012/)")
-    p.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt to evaluate (default: val)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quantize", choices=["ptq"], default=None, help="also quantize (PTQ) and evaluate INT8")
-    mode.add_argument("--int8", default=None, help="evaluate this INT8 model file (from 'qz quantize')")
-    p.add_argument("--calib-split", default=None, help="split that calibrates PTQ (default: held-out images)")
-    p.add_argument("--calib-batches", type=int, default=16, help="calibration images")
-    p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")
-    p.add_argument(
-        "--activation-observer", choices=sorted(ACTIVATION_OBSERVERS), default=None, help="default: the engine's"
+    add_eval_arguments(
+        p,
+        task="segmentation",
+        weights_help="weights name (DEFAULT, ...) or float checkpoint",
+        data_help="VOC folder (or a parent holding VOC2012/ or VOCdevkit/VOC2012/)",
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N images")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of a checkpoint with its own head")
+    p.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt to evaluate (default: val)")
+    p.add_argument("--calib-split", default=None, help="split that calibrates PTQ (default: held-out images)")
     p.add_argument("--aux-loss", action="store_true", help="the checkpoint holds an aux classifier")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-': stdout)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_eval)
