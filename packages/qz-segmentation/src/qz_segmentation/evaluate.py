@@ -13,12 +13,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from qz_core import QzError, calibrate, convert, get_model_entry, get_model_transforms, load_quantized, set_backend
-from qz_core.errors import invalid_choice
+from qz_core import QzError, calibrate, convert, get_model_transforms, set_backend
+from qz_core.evaluation import check_eval_options, resolve_eval_model
 from qz_segmentation._registry import IGNORE_INDEX
 from qz_segmentation.voc import VOCSegmentationFolder
-
-QUANTIZE_MODES = (None, "ptq")
 
 
 class ConfusionMatrix:
@@ -212,25 +210,8 @@ def evaluate_segmenter(
     Raises:
         QzError: bad names, folders, splits, files, or masks that do not fit the model.
     """
-    if quantize not in QUANTIZE_MODES:
-        raise invalid_choice("quantize mode", quantize, [m for m in QUANTIZE_MODES if m])
-    if quantize and int8 is not None:
-        raise QzError("Pass quantize='ptq' (quantize the float model here) or an INT8 model file, not both.")
-    for label, value in (("calib_batches", calib_batches), ("limit", 1 if limit is None else limit)):
-        if value < 1:
-            raise QzError(f"{label} must be at least 1; got {value}.")
-    int8_model = None
-    if int8 is not None:
-        int8_model = load_quantized(int8)
-        saved = int8_model.qz_recipe["name"]
-        if model is not None and model != saved:
-            raise QzError(f"The INT8 model file {os.fspath(int8)!r} holds {saved!r}, not {model!r}.")
-        model = saved
-    if model is None:
-        raise QzError("Name the model to evaluate (or pass an INT8 model file, which names it).")
-    entry = get_model_entry(model)
-    if entry.task != "segmentation":
-        raise QzError(f"evaluate_segmenter() takes a segmentation model; {model!r} is a {entry.task} model.")
+    check_eval_options(quantize, int8, calib_batches=calib_batches, limit=limit)
+    model, entry, int8_model = resolve_eval_model(model, int8, "segmentation", "evaluate_segmenter()")
 
     transform = get_model_transforms(model, weights)
     model_kwargs = {k: v for k, v in (("num_classes", num_classes), ("aux_loss", aux_loss)) if v is not None}

@@ -1,0 +1,52 @@
+"""What every task's evaluation (``qz eval TASK``) checks the same way before it scores anything."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from qz_core.errors import QzError, invalid_choice
+from qz_core.registry import ModelEntry, get_model_entry
+from qz_core.workflow import load_quantized
+
+# How an evaluation gets its INT8 model besides loading a file: None (FP32 only) or post-training quantization.
+QUANTIZE_MODES = (None, "ptq")
+
+
+def check_eval_options(quantize: str | None, int8: str | os.PathLike | None, **counts: int | None) -> None:
+    """Checks the FP32-vs-INT8 options: a known quantize mode, not both PTQ and an INT8 file, counts >= 1.
+
+    Raises:
+        QzError: naming the bad value.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise invalid_choice("quantize mode", quantize, [m for m in QUANTIZE_MODES if m])
+    if quantize and int8 is not None:
+        raise QzError("Pass quantize='ptq' (quantize the float model here) or an INT8 model file, not both.")
+    for label, value in counts.items():
+        if value is not None and value < 1:
+            raise QzError(f"{label} must be at least 1; got {value}.")
+
+
+def resolve_eval_model(
+    model: str | None, int8: str | os.PathLike | None, task: str, caller: str
+) -> tuple[str, ModelEntry, nn.Module | None]:
+    """The model name, its registry entry and the loaded INT8 model (None without ``int8``).
+
+    Raises:
+        QzError: no name, an INT8 file holding another model, an unknown name, or a model of another task.
+    """
+    int8_model = None
+    if int8 is not None:
+        int8_model = load_quantized(int8)
+        saved = int8_model.qz_recipe["name"]
+        if model is not None and model != saved:
+            raise QzError(f"The INT8 model file {os.fspath(int8)!r} holds {saved!r}, not {model!r}.")
+        model = saved
+    if model is None:
+        raise QzError("Name the model to evaluate (or pass an INT8 model file, which names it).")
+    entry = get_model_entry(model)
+    if entry.task != task:
+        raise QzError(f"{caller} takes a {task} model; {model!r} is a {entry.task} model.")
+    return model, entry, int8_model
