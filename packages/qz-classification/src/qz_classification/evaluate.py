@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from qz_core import (
     image_dataset,
     set_backend,
 )
-from qz_core.evaluation import check_eval_options, resolve_eval_model
+from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
 
 
 @torch.inference_mode()
@@ -52,7 +52,7 @@ def topk_accuracy(
 
 
 @dataclass
-class Accuracy:
+class Accuracy(TimedScores):
     """Top-1/top-5 accuracy (percent) of one model, with how long the evaluation took."""
 
     top1: float
@@ -60,13 +60,9 @@ class Accuracy:
     images: int
     seconds: float
 
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
 
 @dataclass
-class ClassificationEval:
+class ClassificationEval(Fp32Int8Result):
     """FP32 and INT8 accuracy of one classifier on one validation folder.
 
     Attributes:
@@ -83,6 +79,8 @@ class ClassificationEval:
         calibration: where the PTQ calibration images came from.
     """
 
+    METRICS = ("top1", "top5")
+
     model: str
     weights: str | None
     data: str
@@ -94,17 +92,6 @@ class ClassificationEval:
     int8_source: str | None = None
     backend: str | None = None
     calibration: str | None = None
-
-    @property
-    def delta(self) -> dict[str, float] | None:
-        """INT8 minus FP32, in accuracy points; None unless both were evaluated."""
-        if self.fp32 is None or self.int8 is None:
-            return None
-        return {"top1": self.int8.top1 - self.fp32.top1, "top5": self.int8.top5 - self.fp32.top5}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for JSON."""
-        return asdict(self) | {"delta": self.delta}
 
     def table(self) -> str:
         """The result as a text table: one row per precision, deltas against FP32."""

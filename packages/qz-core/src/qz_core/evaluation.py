@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -50,3 +52,37 @@ def resolve_eval_model(
     if entry.task != task:
         raise QzError(f"{caller} takes a {task} model; {model!r} is a {entry.task} model.")
     return model, entry, int8_model
+
+
+class TimedScores:
+    """Mixin for a dataclass of one precision's scores with ``images`` and ``seconds`` fields."""
+
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the evaluation loop (data loading included)."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class Fp32Int8Result:
+    """Mixin for a dataclass holding ``fp32`` and ``int8`` scores: INT8 - FP32 per metric, and JSON.
+
+    The subclass names its metrics (attributes of its scores) in ``METRICS``.
+    """
+
+    METRICS: ClassVar[tuple[str, ...]] = ()
+    fp32: Any
+    int8: Any
+
+    @property
+    def delta(self) -> dict[str, float] | None:
+        """INT8 minus FP32 per metric (in the metric's own unit); None unless both were evaluated."""
+        if self.fp32 is None or self.int8 is None:
+            return None
+        return {k: getattr(self.int8, k) - getattr(self.fp32, k) for k in self.METRICS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return asdict(self) | {"delta": self.delta}  # type: ignore[call-overload]

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torchvision.transforms.functional import to_tensor
 from tqdm.auto import tqdm
 
 from qz_core import QzError, calibrate, convert, image_dataset, set_backend
-from qz_core.evaluation import check_eval_options, resolve_eval_model
+from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
 from qz_core.registry import ModelEntry
 from qz_detection.coco import CategoryMap, CocoImages, coco_results, coco_scores, find_coco, load_coco
 from qz_detection.support import model_num_classes
@@ -145,7 +145,7 @@ def detect_coco(
 
 
 @dataclass
-class DetectionScores:
+class DetectionScores(TimedScores):
     """COCO box metrics (in [0, 1]) of one model, with its detection count and the time it took."""
 
     map: float
@@ -155,14 +155,12 @@ class DetectionScores:
     images: int
     seconds: float
 
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
 
 @dataclass
-class DetectionEval:
+class DetectionEval(Fp32Int8Result):
     """FP32 and INT8 COCO scores of one detector on one annotated image folder."""
+
+    METRICS = ("map", "map50", "ar100")
 
     model: str
     weights: str | None
@@ -175,17 +173,6 @@ class DetectionEval:
     int8_source: str | None = None
     backend: str | None = None
     calibration: str | None = None
-
-    @property
-    def delta(self) -> dict[str, float] | None:
-        """INT8 minus FP32; None unless both were evaluated."""
-        if self.fp32 is None or self.int8 is None:
-            return None
-        return {k: getattr(self.int8, k) - getattr(self.fp32, k) for k in ("map", "map50", "ar100")}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for JSON."""
-        return asdict(self) | {"delta": self.delta}
 
     def table(self) -> str:
         """The result as a text table: one row per precision, INT8 - FP32 deltas."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from qz_core import QzError, calibrate, convert, get_model_transforms, set_backend
-from qz_core.evaluation import check_eval_options, resolve_eval_model
+from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
 from qz_segmentation._registry import IGNORE_INDEX
 from qz_segmentation.voc import VOCSegmentationFolder
 
@@ -89,7 +89,7 @@ def confusion_matrix(
 
 
 @dataclass
-class SegmentationScores:
+class SegmentationScores(TimedScores):
     """mIoU and pixel accuracy (percent) of one model, with per-class IoU and the time it took."""
 
     miou: float
@@ -98,14 +98,12 @@ class SegmentationScores:
     seconds: float
     class_iou: list[float | None] = field(default_factory=list)
 
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
 
 @dataclass
-class SegmentationEval:
+class SegmentationEval(Fp32Int8Result):
     """FP32 and INT8 scores of one segmenter on one split of a VOC-layout folder."""
+
+    METRICS = ("miou", "pixel_acc")
 
     model: str
     weights: str | None
@@ -118,17 +116,6 @@ class SegmentationEval:
     int8_source: str | None = None
     backend: str | None = None
     calibration: str | None = None
-
-    @property
-    def delta(self) -> dict[str, float] | None:
-        """INT8 minus FP32, in points; None unless both were evaluated."""
-        if self.fp32 is None or self.int8 is None:
-            return None
-        return {"miou": self.int8.miou - self.fp32.miou, "pixel_acc": self.int8.pixel_acc - self.fp32.pixel_acc}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for JSON."""
-        return asdict(self) | {"delta": self.delta}
 
     def table(self) -> str:
         """The result as a text table: one row per precision, deltas against FP32."""
