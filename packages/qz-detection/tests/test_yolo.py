@@ -24,6 +24,7 @@ from ultralytics.utils.nms import non_max_suppression  # noqa: E402
 import qz_core  # noqa: E402
 from qz_core import QzError, calibrate, convert, count_float_islands  # noqa: E402
 from qz_core.support import estimate_bn_stats, float_difference, probe_model  # noqa: E402
+from qz_core.testing import assert_support_contract  # noqa: E402
 from qz_detection.models import yolo  # noqa: E402
 from qz_detection.models.yolo import QuantizableYOLO, yolo_detection_loss  # noqa: E402
 
@@ -63,13 +64,7 @@ def assert_fully_supported(name: str, tmp_path, input_size: int = 128, slack: fl
     x = torch.randn(1, 3, input_size, input_size)
     # No export=True here: the registration's probe_build_kwargs must supply it (as for `qz support`).
     result = probe_model(name, example_input=x, work_dir=tmp_path, build_kwargs={"activation_observer": "minmax"})
-    assert result.errors == {}, result.errors
-    assert result.ptq and result.qat
-    assert result.engines == {"x86": True, "qnnpack": True}
-    assert result.fp32_onnx and result.int8_onnx
-    assert result.float_islands == 0
-    bound = slack * result.int8_max_diff + 0.02 * result.output_range
-    assert result.onnx_fp32_diff <= bound, result
+    assert_support_contract(result, slack=slack)
 
 
 def test_variants_are_registered_as_detection_models():

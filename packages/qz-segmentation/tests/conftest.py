@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 from qz_core.support import SupportResult, float_difference, probe_model
+from qz_core.testing import assert_support_contract
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -43,14 +44,7 @@ def assert_fully_supported(
     x = torch.randn(2, 3, input_size, input_size)
     build_kwargs.setdefault("activation_observer", "minmax")
     result = probe_model(name, example_input=x, work_dir=tmp_path, build_kwargs=build_kwargs)
-    assert result.errors == {}, result.errors
-    assert result.ptq and result.qat
-    assert result.engines == {"x86": True, "qnnpack": True}
-    assert result.fp32_onnx and result.int8_onnx
-    assert result.float_islands == 0
-    bound = slack * result.int8_max_diff + 0.02 * result.output_range
-    assert result.onnx_fp32_diff <= bound, result
-    return result
+    return assert_support_contract(result, slack=slack)
 
 
 @pytest.fixture(autouse=True)
