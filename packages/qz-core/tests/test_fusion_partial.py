@@ -84,3 +84,12 @@ def test_qat_fusion_and_prepare():
     assert model.training
     assert isinstance(model.block.conv, nniqat.ConvBn2d)
     assert isinstance(model.stem[0], nniqat.ConvBnReLU2d)
+
+
+def test_modules_declare_their_own_float_parts():
+    class FloatInside(nn.Module):  # like SSD300's L2Norm between its own stubs
+        qz_float_islands = 1
+
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), FloatInside(), nn.Sequential(FloatInside()))
+    assert count_float_islands(model) == 2
+    assert count_float_islands(nn.Sequential(nn.Conv2d(1, 1, 1))) == 0

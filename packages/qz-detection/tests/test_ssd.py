@@ -43,4 +43,12 @@ def test_ssdlite_fully_supported(tmp_path):
 
 @pytest.mark.zoo
 def test_zoo_ssd300_fully_supported(tmp_path):
-    assert_fully_supported("ssd300_vgg16", tmp_path, small=False, size=(300, 300))
+    result = assert_fully_supported("ssd300_vgg16", tmp_path, small=False, size=(300, 300))
+    assert result.float_islands == 1  # the conv4_3 L2Norm, reported, not hidden
+
+
+def test_ssd300_reports_its_float_island():
+    import qz_core
+
+    assert qz_core.count_float_islands(qz_core.get_model("ssd300_vgg16", quantize=True)) == 1  # L2Norm
+    assert qz_core.count_float_islands(qz_core.get_model("ssdlite320_mobilenet_v3_large", quantize=True)) == 0

@@ -210,6 +210,8 @@ def _probe_model(
         model = entry.builder(weights=str(checkpoint), quantize=True, is_qat=True, backend=available[0], **kwargs)
         model.train()
         for batch in batches[:calib_batches]:
+            if isinstance(batch, torch.Tensor) and len(batch) == 1:  # BatchNorm trains on more than one value
+                batch = torch.cat([batch, batch.flip(-1)])
             out = model(batch)
             sum(t.float().mean() for t in _tensors(out)).backward()
         int8 = convert(model)

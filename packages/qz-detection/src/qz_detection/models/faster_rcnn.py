@@ -54,6 +54,8 @@ class QuantizableRPNHead(RPNHead):
 class QuantizableMultiScaleRoIAlign(MultiScaleRoIAlign):
     """MultiScaleRoIAlign between stubs: float RoIAlign on dequantized features, INT8 pooled output."""
 
+    qz_float_islands = 1  # counted by qz_core.count_float_islands
+
     def _init_quant(self) -> None:
         self.dequant = DeQuantStub()
         self.quant = QuantStub()

@@ -68,6 +68,8 @@ class QuantizableSSDFeatureExtractorVGG(SSDFeatureExtractorVGG):
     has no INT8 kernel for those, so ``scale_weight * normalize(x)`` is the one float island of SSD300.
     """
 
+    qz_float_islands = 1  # counted by qz_core.count_float_islands
+
     def _init_quant(self) -> None:
         self.quant = QuantStub()
         self.l2norm_dequant = DeQuantStub()
