@@ -387,3 +387,29 @@ def test_rows_are_handed_over_as_they_come(tmp_path) -> None:
     meta = {"threads": 1, "rounds": 20, "budget_s": 30.0, "partial": 1}
     text = bench_markdown(rows[:1], meta)
     assert "median of up to 20 (fewer, at least 5, past 30 s a model" in text and "1 model(s) so far" in text
+
+
+def test_support_results_merge_from_saved_files(tmp_path) -> None:
+    import argparse
+
+    from qz_core.report import read_support_json, write_support_outputs
+    from qz_core.support import SupportResult
+
+    first = [SupportResult("a", "classification", ptq=True), SupportResult("b", "detection", errors={"qat": "x"})]
+    fixed = [SupportResult("b", "detection", ptq=True, qat=True, float_islands=1)]
+    one = write_support_outputs(first, tmp_path / "one")["json"]
+    two = write_support_outputs(fixed, tmp_path / "two")["json"]
+    rows, _ = read_support_json(one)
+    assert rows == first
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- support-table:start -->\n<!-- support-table:end -->\n")
+    args = parser.parse_args(["support", "--from", str(one), str(two), "--out", str(tmp_path / "m")])
+    args.readme = str(readme)
+    assert args.func(args) == 0
+    merged, _ = read_support_json(tmp_path / "m" / "support.json")
+    assert [r.name for r in merged] == ["a", "b"] and merged[1] == fixed[0]  # replaced where it stood
+    assert "| b | PTQ, QAT |" in readme.read_text()
+    with pytest.raises(QzError, match="is not a qz support result"):
+        read_support_json(tmp_path / "one" / "support.md")

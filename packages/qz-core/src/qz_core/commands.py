@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from qz_core.backend import resolve_backend, supported_backends
 from qz_core.errors import QzError
@@ -36,16 +37,17 @@ def _update_readme(path: str | None, block: str, markdown: str) -> None:
         print(f"{path}: block {block!r} {'updated' if changed else 'unchanged'}")
 
 
-def _merge_results(paths: list[str]) -> tuple[list, dict]:
-    """Rows of several bench.json files (a later file's row replaces an earlier one of the same model)."""
-    from qz_core.report import read_bench_json
+def _merge_results(paths: list[str], read: Callable[[str], tuple[list, dict]]) -> tuple[list, dict]:
+    """Rows of several saved results (a later file's row replaces an earlier one of the same model).
 
+    Order is kept: a replaced row stays where it first stood.
+    """
     rows: dict[str, object] = {}
     metas = []
     for path in paths:
-        found, meta = read_bench_json(path)
+        found, meta = read(path)
         metas.append(meta | {"source": path})
-        rows |= {r.model: r for r in found}
+        rows |= {getattr(r, "model", None) or r.name: r for r in found}
     meta = dict(metas[0]) if len(metas) == 1 else metas[0] | {"merged": metas}
     return list(rows.values()), meta
 
@@ -57,7 +59,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.from_json:
         if args.models or args.task or args.all_models:
             raise QzError("--from re-renders saved results: pass it without model names, --task or --all.")
-        rows, meta = _merge_results(args.from_json)
+        from qz_core.report import read_bench_json
+
+        rows, meta = _merge_results(args.from_json, read_bench_json)
         paths = write_bench_outputs(rows, args.out, meta)
         print(bench_markdown(rows, meta))
         print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -107,6 +111,17 @@ def _cmd_support(args: argparse.Namespace) -> int:
     from qz_core.benchmark import machine_info, run_support, select_models
     from qz_core.report import SUPPORT_BLOCK, support_markdown, write_support_outputs
 
+    if args.from_json:
+        from qz_core.report import read_support_json
+
+        if args.models or args.task or args.all_models:
+            raise QzError("--from re-renders saved results: pass it without model names, --task or --all.")
+        results, meta = _merge_results(args.from_json, read_support_json)
+        paths = write_support_outputs(results, args.out, meta)
+        print(support_markdown(results))
+        print("written: " + ", ".join(str(p) for p in paths.values()))
+        _update_readme(args.readme, SUPPORT_BLOCK, support_markdown(results))
+        return 0
     names = select_models(args.models, task=args.task, all_models=args.all_models or not args.models)
     engines = args.engines.split(",") if args.engines else list(DEFAULT_ENGINES)
     unknown = [e for e in engines if e not in supported_backends()]
@@ -120,6 +135,17 @@ def _cmd_support(args: argparse.Namespace) -> int:
     print("written: " + ", ".join(str(p) for p in paths.values()))
     _update_readme(args.readme, SUPPORT_BLOCK, markdown)
     return 0
+
+
+def _from_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from",
+        dest="from_json",
+        nargs="+",
+        metavar="JSON",
+        help="re-render the outputs and --readme from saved .json results (merged in order; a later row of a "
+        "model replaces an earlier one) without running anything",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -156,13 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="timing seconds per model: slower models get fewer rounds (at least 5); default: always --rounds",
     )
     p.add_argument("--readme", default=None, help="rewrite the bench-table block of this README")
-    p.add_argument(
-        "--from",
-        dest="from_json",
-        nargs="+",
-        metavar="BENCH_JSON",
-        help="re-render tables, plots and --readme from saved bench.json files (merged in order) without timing",
-    )
+    _from_option(p)
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a model fails")
     p.set_defaults(func=_cmd_bench)
 
@@ -177,4 +197,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=13)
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="export and run ONNX")
     p.add_argument("--readme", default=None, help="rewrite the support-table block of this README")
+    _from_option(p)
     p.set_defaults(func=_cmd_support)

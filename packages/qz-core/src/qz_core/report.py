@@ -347,6 +347,24 @@ def write_support_outputs(
     return paths
 
 
+def read_support_json(path: str | os.PathLike) -> tuple[list[SupportResult], dict[str, Any]]:
+    """The rows and metadata of a ``support.json`` that ``write_support_outputs`` wrote.
+
+    Raises:
+        QzError: the file is missing or is not a qz support result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise QzError(
+            f"No support result at {path}: run 'qz support ... --out DIR' first (it writes DIR/support.json)."
+        )
+    try:
+        payload = json.loads(path.read_text())
+        return [SupportResult(**row) for row in payload["rows"]], payload.get("meta", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise QzError(f"{path} is not a qz support result ({type(exc).__name__}: {exc}).") from None
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
