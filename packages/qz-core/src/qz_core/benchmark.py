@@ -55,6 +55,8 @@ RUNNERS = {
 # INT8 must at least be faster than FP32.
 DEFAULT_DEPLOYED_RATIO_TARGET = 1.0
 
+NO_TORCHVISION_MODEL = "torchvision has no quantizable model of this name"
+
 # torchvision.models.quantization builders, by their (and qz's) model name.
 TORCHVISION_QUANTIZABLE = (
     "googlenet",
@@ -411,7 +413,7 @@ def _bench_one(
             if tv is not None:
                 runners["tv_int8"] = lambda: tv(x)
         else:
-            row.notes["tv_int8"] = "torchvision has no quantizable model of this name"
+            row.notes["tv_int8"] = NO_TORCHVISION_MODEL
     set_backend(row.backend)
     for key, lat in compare_latency(runners, warmup=warmup, rounds=rounds, threads=threads, budget_s=budget_s).items():
         row.latency[key] = lat

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qz_core.bench import Latency
-from qz_core.benchmark import RUNNERS, BenchRow
+from qz_core.benchmark import NO_TORCHVISION_MODEL, RUNNERS, BenchRow
 from qz_core.errors import QzError
 from qz_core.ort_tools import ORT_OWN
 from qz_core.support import DEFAULT_ENGINES, SupportResult
@@ -94,7 +94,8 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     lines += table
     lines += _notes("Errors:", [(r.model, r.error) for r in rows if r.error])
     lines += _notes("Misses (where the INT8 time goes, by operator):", [(r.model, _miss(r)) for r in rows if _miss(r)])
-    notes = [(r.model, f"{k}: {v}") for r in rows for k, v in r.notes.items() if k != "tv_int8" or tv]
+    # "torchvision has no such model" is what the "-" in its column already says.
+    notes = [(r.model, f"{k}: {v}") for r in rows for k, v in r.notes.items() if v != NO_TORCHVISION_MODEL]
     lines += _notes("Notes:", notes)
     return "\n".join(lines) + "\n"
 
