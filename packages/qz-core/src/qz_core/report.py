@@ -174,9 +174,10 @@ def _miss(row: BenchRow) -> str:
 def _plot_ratios(rows: Sequence[BenchRow], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    rows = sorted((r for r in rows if r.eager_ratio is not None), key=lambda r: (r.family, r.model))
+    rows = sorted((r for r in rows if r.eager_ratio is not None), key=lambda r: (r.task, r.family, r.model))
     families = list(dict.fromkeys(r.family or "other" for r in rows))
-    colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    palette = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    colors = {f: palette(i % palette.N) for i, f in enumerate(families)}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.5))
     xs = range(len(rows))
     for i, r in zip(xs, rows, strict=True):
@@ -186,6 +187,12 @@ def _plot_ratios(rows: Sequence[BenchRow], path: Path) -> None:
             ax.bar(i + 0.2, r.deployed_ratio, 0.4, color=color, alpha=0.45, hatch="//", edgecolor="black")
         ax.hlines(r.target, i - 0.45, i + 0.45, colors="red", linewidth=1.5)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    top = 2.0  # a few eager ratios far above 1 would flatten every other bar: clip them and print their value
+    ax.set_ylim(0, top)
+    for i, r in zip(xs, rows, strict=True):
+        for dx, ratio in ((-0.2, r.eager_ratio), (0.2, r.deployed_ratio)):
+            if ratio is not None and ratio > top:
+                ax.annotate(f"{ratio:.1f}", (i + dx, top), ha="center", va="top", fontsize=7, rotation=90)
     ax.set_xticks(list(xs), [r.model for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("INT8 / FP32 latency")
     ax.set_title(
