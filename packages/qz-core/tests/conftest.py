@@ -12,8 +12,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 
 import qz_core
-import qz_core.support
-from qz_core import build_quantizable, fuse_modules, fuse_sequentials, register_model
+from qz_core import ModelSpec, Task, define_model, fuse_modules, fuse_sequentials, image_dataset, register_task
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 TINY = "qz_test_tinynet"
@@ -70,34 +69,50 @@ class QuantizableTinyNet(TinyNet):
             fuse_sequentials(self, is_qat)
 
 
-def _default_transforms():
-    from torchvision.transforms._presets import ImageClassification
+class ToyClassificationTask(Task):
+    """A minimal classification task for qz-core's own tests (qz-classification is not installed here)."""
 
-    return ImageClassification(crop_size=32, resize_size=36)
+    name = "qz_test_task"
+    metric = "top-1"
+    calibration_layouts = "a flat image folder or one subfolder per class"
+    training_layouts = "one subfolder per class"
+
+    def default_transform(self, spec: ModelSpec):
+        from torchvision.transforms._presets import ImageClassification
+
+        return ImageClassification(crop_size=spec.input_size[0], resize_size=spec.input_size[0] + 4)
+
+    def calibration_data(self, spec, folder, transform):
+        return image_dataset(folder, transform, purpose="calibration")
+
+    def training_data(self, spec, folder, transform):
+        return image_dataset(folder, transform, purpose="training", labeled=True)
+
+    def training_loss(self, model, batch):
+        inputs, targets = batch
+        return nn.functional.cross_entropy(model(inputs), targets)
+
+    def example_training_batch(self, spec, batch_size=2):
+        return torch.rand(batch_size, 3, *spec.input_size), torch.zeros(batch_size, dtype=torch.long)
+
+    def predict(self, model, images, transform):
+        with torch.no_grad():
+            logits = model(torch.stack([transform(image) for image in images]))
+        return [row.softmax(0).topk(min(5, len(row))) for row in logits]
+
+    def draw(self, image, prediction, class_names, title):
+        return image
+
+    def add_eval_command(self, parser):
+        parser.set_defaults(func=lambda args: 0)
 
 
-if TINY not in qz_core.registry._REGISTRY:
+TOY_TASK = register_task(ToyClassificationTask())
 
-    @register_model(
-        TINY,
-        task="classification",
-        input_size=(32, 32),
-        default_transforms=_default_transforms,
-        qat_loss=nn.CrossEntropyLoss,
+if TINY not in qz_core.registry._MODELS:
+    qz_test_tinynet = define_model(
+        ModelSpec(name=TINY, task=TOY_TASK.name, family="tiny", make_model=QuantizableTinyNet, input_size=(32, 32))
     )
-    def qz_test_tinynet(
-        *, weights=None, progress: bool = True, quantize: bool = False, is_qat: bool = False, skip_fuse=False, **kwargs
-    ) -> QuantizableTinyNet:
-        return build_quantizable(
-            QuantizableTinyNet,
-            weights=weights,
-            weights_enum=None,
-            progress=progress,
-            quantize=quantize,
-            is_qat=is_qat,
-            skip_fuse=skip_fuse,
-            **kwargs,
-        )
 
 
 def random_batches(n: int = 3, size: int = 32, batch: int = 4, seed: int = 0) -> list[Tensor]:
@@ -110,7 +125,7 @@ def checkpoint(tmp_path):
     """A float TinyNet checkpoint with non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
     model = TinyNet()
-    qz_core.support.estimate_bn_stats(model, random_batches())
+    qz_core.estimate_bn_stats(model, random_batches())
     path = tmp_path / "tiny.pth"
     torch.save(model.eval().state_dict(), path)
     return path, model

@@ -1,29 +1,47 @@
 """qz-core: the quantization workflow shared by every qz model family."""
 
 from qz_core.backend import platform_backend, resolve_backend, set_backend, supported_backends
-from qz_core.bench import Latency, compare_latency, measure_latency, model_size_mb, timing_setup
-from qz_core.builder import QuantOptions, build_quantizable, prepare_quantizable
+from qz_core.builder import (
+    BuildContext,
+    BuildRecipe,
+    LoadedWeights,
+    ModelBuilder,
+    ModelSpec,
+    QuantOptions,
+    build_model,
+    define_model,
+    prepare_built,
+    prepare_quantizable,
+    recipe_of,
+)
 from qz_core.data import image_dataset, image_loader
 from qz_core.errors import QzError
+from qz_core.files import atomic_path, write_atomic
 from qz_core.fusion import FUSE_LEVELS, fuse_in_blocks, fuse_modules, fuse_sequentials, sequential_fusion_groups
+from qz_core.measure import Latency, compare_latency, measure_latency, model_size_mb, timing_setup
 from qz_core.modules import QuantizableSiLU, QuantizableSqueezeExcitation, replace_silu
 from qz_core.onnx_export import OnnxReport, export_onnx, run_onnx
 from qz_core.partial import FloatIsland, count_float_islands
 from qz_core.qconfig import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS, make_qconfig
 from qz_core.registry import (
-    ModelEntry,
     get_model,
-    get_model_entry,
+    get_model_builder,
+    get_model_spec,
+    get_model_task,
     get_model_transforms,
     get_model_weights,
+    get_task,
     list_models,
-    register_model,
+    list_tasks,
+    register_task,
 )
+from qz_core.task import Task
 from qz_core.weights import load_state_dict_strict, read_checkpoint, resolve_weights
 from qz_core.workflow import (
     calibrate,
     convert,
     ensure_calibrated,
+    estimate_bn_stats,
     is_quantized,
     load_quantized,
     save_quantized,
@@ -36,41 +54,55 @@ __all__ = [
     "ACTIVATION_OBSERVERS",
     "FUSE_LEVELS",
     "WEIGHT_OBSERVERS",
+    "BuildContext",
+    "BuildRecipe",
     "FloatIsland",
     "Latency",
-    "ModelEntry",
+    "LoadedWeights",
+    "ModelBuilder",
+    "ModelSpec",
     "OnnxReport",
     "QuantOptions",
     "QuantizableSiLU",
     "QuantizableSqueezeExcitation",
     "QzError",
-    "build_quantizable",
+    "Task",
+    "atomic_path",
+    "build_model",
     "calibrate",
     "compare_latency",
     "convert",
     "count_float_islands",
+    "define_model",
     "ensure_calibrated",
+    "estimate_bn_stats",
     "export_onnx",
     "fuse_in_blocks",
     "fuse_modules",
     "fuse_sequentials",
     "get_model",
-    "get_model_entry",
+    "get_model_builder",
+    "get_model_spec",
+    "get_model_task",
     "get_model_transforms",
     "get_model_weights",
+    "get_task",
     "image_dataset",
     "image_loader",
     "is_quantized",
     "list_models",
+    "list_tasks",
     "load_quantized",
     "load_state_dict_strict",
     "make_qconfig",
     "measure_latency",
     "model_size_mb",
     "platform_backend",
+    "prepare_built",
     "prepare_quantizable",
     "read_checkpoint",
-    "register_model",
+    "recipe_of",
+    "register_task",
     "replace_silu",
     "resolve_backend",
     "resolve_weights",
@@ -81,4 +113,5 @@ __all__ = [
     "supported_backends",
     "timing_setup",
     "train_qat",
+    "write_atomic",
 ]

@@ -1,85 +1,93 @@
-"""Model registry: every task package registers its builders here, through an entry point."""
+"""Registries of models and tasks, filled by the task packages through entry points.
+
+``qz.tasks`` entry points name each package's ``Task`` object; ``qz.models`` entry points name the
+modules whose ``define_model`` calls register the package's models. Both are read on first use, and
+model modules keep heavy third-party imports out of import time.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torchvision.models import WeightsEnum
 
 from qz_core.errors import QzError, invalid_choice
 
-ENTRY_POINT_GROUP = "qz.models"
-TASKS = ("classification", "detection", "segmentation")
+if TYPE_CHECKING:
+    from qz_core.builder import ModelBuilder, ModelSpec
+    from qz_core.task import Task
+
+MODEL_ENTRY_POINTS = "qz.models"
+TASK_ENTRY_POINTS = "qz.tasks"
+
+_MODELS: dict[str, tuple[ModelSpec, ModelBuilder[Any]]] = {}
+_TASKS: dict[str, Task] = {}
+_loaded = {"models": False, "tasks": False}
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """What qz knows of one registered model."""
-
-    name: str
-    task: str
-    builder: Callable[..., nn.Module]
-    weights: type[WeightsEnum] | None = None
-    input_size: tuple[int, int] = (224, 224)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, ModelEntry] = {}
-_plugins_loaded = False
-
-
-def register_model(
-    name: str | None = None,
-    *,
-    task: str,
-    weights: type[WeightsEnum] | None = None,
-    input_size: tuple[int, int] = (224, 224),
-    **meta: Any,
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator that registers a builder under ``name`` (the function's name by default).
-
-    The wrapped builder stamps its name on every model it builds (``model.qz_recipe["name"]``),
-    so an INT8 model can be saved and rebuilt later.
+def register_spec(spec: ModelSpec, builder: ModelBuilder[Any]) -> None:
+    """Adds ``spec`` and its public builder (``define_model`` calls this).
 
     Raises:
-        QzError: the name is taken, or the task is unknown.
+        QzError: the name is taken.
     """
-    if task not in TASKS:
-        raise invalid_choice("task", task, TASKS)
-
-    def wrapper(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = name or builder.__name__
-        if key in _REGISTRY:
-            raise QzError(f"An entry is already registered under the name {key!r}.")
-
-        @functools.wraps(builder)
-        def build(*args: Any, **kwargs: Any) -> nn.Module:
-            model = builder(*args, **kwargs)
-            recipe = getattr(model, "qz_recipe", None)
-            if isinstance(recipe, dict):
-                recipe["name"] = key
-            return model
-
-        _REGISTRY[key] = ModelEntry(key, task, build, weights, tuple(input_size), dict(meta))
-        return build
-
-    return wrapper
+    if spec.name in _MODELS:
+        raise QzError(f"An entry is already registered under the name {spec.name!r}.")
+    _MODELS[spec.name] = (spec, builder)
 
 
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+def unregister_model(name: str) -> None:
+    """Removes a model (tests that register throwaway models clean up with it)."""
+    _MODELS.pop(name, None)
+
+
+def register_task(task: Task) -> Task:
+    """Adds a task adapter (its package's ``qz.tasks`` entry point does this).
+
+    Raises:
+        QzError: another task has the name.
+    """
+    known = _TASKS.get(task.name)
+    if known is not None and known is not task:
+        raise QzError(f"A task is already registered under the name {task.name!r}.")
+    _TASKS[task.name] = task
+    return task
+
+
+def _load_tasks() -> None:
+    if not _loaded["tasks"]:
+        _loaded["tasks"] = True
+        for point in entry_points(group=TASK_ENTRY_POINTS):
+            register_task(point.load())
+
+
+def _load_models() -> None:
+    if not _loaded["models"]:
+        _loaded["models"] = True
+        _load_tasks()
+        for point in entry_points(group=MODEL_ENTRY_POINTS):
+            point.load()
+
+
+def list_tasks() -> list[str]:
+    """Names of the installed tasks."""
+    _load_tasks()
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    """The adapter of task ``name``; an unknown name is an error listing the installed ones."""
+    _load_tasks()
+    try:
+        return _TASKS[name]
+    except KeyError:
+        hint = "" if _TASKS else "No task is installed: install qz-classification, qz-detection or qz-segmentation."
+        raise invalid_choice("task", name, _TASKS, hint=hint) from None
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -97,47 +105,55 @@ def list_models(
     Example:
         ``list_models("resnet*", task="classification")``
     """
-    _load_plugins()
-    if task is not None and task not in TASKS:
-        raise invalid_choice("task", task, TASKS)
+    _load_models()
+    if task is not None:
+        get_task(task)
     includes = [pattern] if isinstance(pattern, str) else list(pattern or [])
     excludes = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    names = [e.name for e in _REGISTRY.values() if task is None or e.task == task]
+    names = [name for name, (spec, _) in _MODELS.items() if task is None or spec.task == task]
     if includes:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in includes)]
     names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in excludes)]
     return sorted(names, key=_natural_key)
 
 
-def get_model_entry(name: str) -> ModelEntry:
-    """The registry entry of ``name``; an unknown name is an error with near matches."""
-    _load_plugins()
+def _lookup(name: str) -> tuple[ModelSpec, ModelBuilder[Any]]:
+    _load_models()
     try:
-        return _REGISTRY[name]
+        return _MODELS[name]
     except KeyError:
-        hint = "" if _REGISTRY else "No model is registered: install qz-classification, -detection or -segmentation."
-        raise invalid_choice("model name", name, _REGISTRY, hint=hint) from None
+        hint = "" if _MODELS else "No model is registered: install qz-classification, -detection or -segmentation."
+        raise invalid_choice("model name", name, _MODELS, hint=hint) from None
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec of model ``name``; an unknown name is an error with near matches."""
+    return _lookup(name)[0]
+
+
+def get_model_builder(name: str) -> Callable[..., nn.Module]:
+    """The public builder of model ``name``."""
+    return _lookup(name)[1]
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
     """Builds the registered model ``name`` with the builder's keyword arguments."""
-    return get_model_entry(name).builder(**kwargs)
+    return _lookup(name)[1](**kwargs)
+
+
+def get_model_task(name: str) -> Task:
+    """The task adapter of model ``name``."""
+    return get_task(get_model_spec(name).task)
 
 
 def get_model_transforms(name: str, weights: Any = None) -> Callable[..., Any]:
-    """The input transform of model ``name``: its enum weights' own, else its family's default."""
+    """The input transform of model ``name``: its enum weights' own, else its spec's or task's default."""
     from qz_core.weights import resolve_weights
 
-    entry = get_model_entry(name)
-    source = resolve_weights(weights, entry.weights)
-    if source is not None and source.enum_member is not None:
-        return source.enum_member.transforms()
-    default = entry.meta.get("default_transforms")
-    if default is None:
-        raise QzError(f"Model {name!r} has no default preprocessing; pass enum weights such as 'DEFAULT'.")
-    return default()
+    spec = get_model_spec(name)
+    return get_task(spec.task).transform(spec, resolve_weights(weights, spec.weights_enum))
 
 
 def get_model_weights(name: str) -> type[WeightsEnum] | None:
     """The torchvision weights enum of model ``name`` (None if it has none)."""
-    return get_model_entry(name).weights
+    return get_model_spec(name).weights_enum

@@ -7,6 +7,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -17,7 +18,9 @@ from torch.ao.quantization import FakeQuantizeBase, ObserverBase
 from tqdm.auto import tqdm
 
 from qz_core.backend import set_backend
+from qz_core.builder import BuildRecipe
 from qz_core.errors import QzError
+from qz_core.files import write_atomic
 
 FORMAT = "qz.int8"
 FORMAT_VERSION = 1
@@ -85,6 +88,7 @@ def calibrate(
     num_batches: int | None = None,
     fraction: float | None = None,
     progress: bool = True,
+    inputs: Callable[[Any], Any] | None = None,
 ) -> int:
     """Feeds calibration batches through a PTQ-prepared model so its observers record ranges.
 
@@ -93,6 +97,8 @@ def calibrate(
         data: batches (tensors, or (inputs, targets) tuples), e.g. a DataLoader.
         num_batches: stop after this many batches.
         fraction: use this fraction (0, 1] of ``data`` (which must have a length).
+        progress: show a progress bar.
+        inputs: what the model is called with for a batch (``Task.model_inputs``); ``batch_inputs`` by default.
 
     Returns:
         The number of batches fed.
@@ -116,7 +122,7 @@ def calibrate(
     for batch in tqdm(data, total=limit, desc="calibrate", unit="batch", disable=not progress):
         if num_batches is not None and seen >= num_batches:
             break
-        model(batch_inputs(batch))
+        model((inputs or batch_inputs)(batch))
         seen += 1
     if seen == 0:
         raise QzError("Calibration saw no batches: the calibration data is empty.")
@@ -126,8 +132,9 @@ def calibrate(
 def train_qat(
     model: nn.Module,
     data: Iterable[Any],
-    loss_fn: Callable[[Any, Any], Tensor],
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
     *,
+    step_loss: Callable[[nn.Module, Any], Tensor] | None = None,
     epochs: int = 1,
     lr: float = 1e-4,
     optimizer: torch.optim.Optimizer | None = None,
@@ -138,7 +145,8 @@ def train_qat(
     """Quantization-aware training of a model built with ``quantize=True, is_qat=True``.
 
     BatchNorm statistics and observer ranges can be frozen after given epochs, as the usual
-    QAT recipe does once ranges settle.
+    QAT recipe does once ranges settle. The loss of a batch is ``loss_fn(model(inputs), targets)``
+    for (inputs, targets) batches, or ``step_loss(model, batch)`` (``Task.training_loss``).
 
     Returns:
         The mean loss of each epoch.
@@ -147,6 +155,14 @@ def train_qat(
         raise QzError("train_qat() needs a model built with quantize=True, is_qat=True.")
     if epochs < 1:
         raise QzError(f"epochs must be at least 1; got {epochs}.")
+    if (loss_fn is None) == (step_loss is None):
+        raise QzError("train_qat() takes loss_fn or step_loss, exactly one of them.")
+    if step_loss is None:
+
+        def step_loss(module: nn.Module, batch: Any) -> Tensor:
+            inputs, targets = batch
+            return loss_fn(module(inputs), targets)
+
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     history = []
     for epoch in tqdm(range(epochs), desc="QAT", unit="epoch", disable=not progress):
@@ -157,9 +173,9 @@ def train_qat(
             model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
         losses = []
         bar = tqdm(data, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress)
-        for inputs, targets in bar:
+        for batch in bar:
             optimizer.zero_grad()
-            loss = loss_fn(model(inputs), targets)
+            loss = step_loss(model, batch)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -175,16 +191,43 @@ def convert(model: nn.Module, *, inplace: bool = False, check: bool = True) -> n
     """Converts a calibrated (PTQ) or trained (QAT) model to INT8 on the engine it was built for."""
     if check:
         ensure_calibrated(model)
-    recipe = getattr(model, "qz_recipe", {})
-    backend = set_backend(recipe.get("options", {}).get("backend"))
+    recipe = getattr(model, "qz_recipe", None)
+    backend = set_backend(recipe.options.backend if isinstance(recipe, BuildRecipe) else None)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     tq.convert(model, inplace=True)
-    if recipe:
-        model.qz_recipe = copy.deepcopy(recipe) | {"converted": True}
-        model.qz_recipe["options"]["backend"] = backend
+    if isinstance(recipe, BuildRecipe):
+        model.qz_recipe = replace(recipe, converted=True, options=replace(recipe.options, backend=backend))
     return model
+
+
+@torch.no_grad()
+def estimate_bn_stats(model: nn.Module, batches: Iterable[Any]) -> None:
+    """Re-estimates BatchNorm running statistics from ``batches`` (cumulative average).
+
+    Random-weight models otherwise push activations to zero or infinity, and their INT8 error
+    and latency mean nothing. Only the BatchNorm layers are put in training mode: the rest of the
+    model (dropout, a detector's inference path, which needs no targets) runs as in eval.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for m, momentum in momenta.items():
+            m.momentum = momentum
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -197,22 +240,21 @@ def is_quantized(model: nn.Module) -> bool:
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Saves a converted INT8 model (state and build recipe) so it loads back without calibration."""
-    recipe = getattr(model, "qz_recipe", None)
     if not is_quantized(model):
         raise QzError("save_quantized() takes a converted INT8 model: call qz_core.convert(model) first.")
-    if not recipe or not recipe.get("name"):
+    recipe = getattr(model, "qz_recipe", None)
+    if not isinstance(recipe, BuildRecipe):
         raise QzError("The model has no qz build recipe: build it with a registered qz builder to save it.")
-    _check_plain(recipe, "recipe")
-    torch.save(
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "recipe": recipe,
-            "torch": str(torch.__version__),
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
+    plain = recipe.to_dict()
+    _check_plain(plain, "recipe")
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "recipe": plain,
+        "torch": str(torch.__version__),
+        "state_dict": model.state_dict(),
+    }
+    write_atomic(path, lambda file: torch.save(payload, file))
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -248,18 +290,30 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         raise QzError(f"Cannot read INT8 model file {os.fspath(path)!r}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QzError(f"{os.fspath(path)!r} is not a qz INT8 model (written by qz_core.save_quantized).")
-    recipe = payload["recipe"]
+    if payload.get("version") != FORMAT_VERSION:
+        raise QzError(
+            f"{os.fspath(path)!r} is a qz INT8 file of format version {payload.get('version')!r}; "
+            f"this qz reads version {FORMAT_VERSION}."
+        )
+    recipe = BuildRecipe.from_dict(payload.get("recipe") or {})
     # The saved state sets every scale; cheap min/max observers avoid histogram searches at convert.
-    options = {**recipe["options"], "activation_observer": "minmax"}
+    options = asdict(recipe.options) | {"activation_observer": "minmax"}
     model = get_model(
-        recipe["name"],
+        recipe.name,
         quantize=True,
-        is_qat=recipe["is_qat"],
-        skip_fuse=recipe["skip_fuse"],
-        **recipe["model_kwargs"],
+        is_qat=recipe.is_qat,
+        skip_fuse=recipe.skip_fuse,
+        **recipe.model_kwargs,
         **options,
     )
     _prime_observers(model)
     model = convert(model, inplace=True, check=False)
-    model.load_state_dict(payload["state_dict"], strict=True)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise QzError(
+            f"INT8 model file {os.fspath(path)!r} does not match its recipe ({recipe.name}): {first}"
+        ) from None
+    model.qz_recipe = replace(model.qz_recipe, options=recipe.options)
     return model

@@ -1,0 +1,1 @@
+"""Measurement tooling apart from the library: benchmarks, the support matrix and their reports."""
