@@ -9,6 +9,7 @@ import qz_core
 from qz_core import QzError
 from qz_core.cli import main
 
+import qz_core.job
 from conftest import TINY, random_batches
 
 
@@ -36,7 +37,7 @@ def test_int8_hardswish_runs_in_integers_in_onnxruntime(tmp_path, backend):
     import onnx
     import torch.ao.quantization as tq
 
-    from qz_core.ort_tools import ort_session
+    from qz_core.tools.ort_tools import ort_session
 
     model = torch.nn.Sequential(
         tq.QuantStub(), torch.nn.Conv2d(3, 8, 1), torch.nn.Hardswish(), torch.nn.Conv2d(8, 4, 1), tq.DeQuantStub()
@@ -106,7 +107,7 @@ def test_cli_quantize_end_to_end(checkpoint, tmp_path, capsys):
     args = ["quantize", TINY, "--weights", str(checkpoint[0]), "--calib", str(calib), "--out", str(out)]
     assert main([*args, "--onnx", str(onnx_path), "--batch-size", "2", "--workers", "0"]) == 0
     text = capsys.readouterr().out
-    assert "calibrated on 2 batches" in text and "INT8 ONNX" in text
+    assert "PTQ, 2 batches" in text and "INT8 ONNX" in text and "latency" in text
     loaded = qz_core.load_quantized(out)
     assert qz_core.is_quantized(loaded) and onnx_path.exists()
 
@@ -116,9 +117,9 @@ def test_cli_qat_end_to_end(checkpoint, tmp_path):
     _images(train / "a")
     _images(train / "b")
     out = tmp_path / "qat.pt"
-    args = ["quantize", TINY, "--weights", str(checkpoint[0]), "--calib", str(train), "--out", str(out), "--qat"]
+    args = ["quantize", TINY, "--weights", str(checkpoint[0]), "--out", str(out), "--qat"]
     assert main([*args, "--train", str(train), "--epochs", "1", "--batch-size", "4", "--workers", "0"]) == 0
-    assert qz_core.load_quantized(out).qz_recipe["is_qat"] is True
+    assert qz_core.recipe_of(qz_core.load_quantized(out)).is_qat is True
 
 
 @pytest.mark.parametrize(
@@ -127,7 +128,7 @@ def test_cli_qat_end_to_end(checkpoint, tmp_path):
         (["quantize", "resnet5O", "--calib", "x", "--out", "y"], "Invalid model name 'resnet5O'"),
         (
             ["quantize", TINY, "--calib", "/no/such/folder", "--out", "y"],
-            "calibration folder '/no/such/folder' does not exist",
+            "--calib '/no/such/folder' is not an existing folder",
         ),
     ],
 )
@@ -149,7 +150,9 @@ def test_cli_unknown_backend_is_rejected(capsys):
 
 
 def test_support_probe_reports_each_step(tmp_path):
-    result = qz_core.support.probe_model(TINY, work_dir=tmp_path)
+    from qz_core.tools.support import probe_model
+
+    result = probe_model(TINY, work_dir=tmp_path)
     assert result.errors == {} and result.ptq and result.qat
     assert result.engines == {"x86": True, "qnnpack": True} and result.int8_onnx and result.fp32_onnx
     json.dumps(result.as_dict())
@@ -179,3 +182,77 @@ def test_int8_model_with_dict_outputs_exports(tmp_path):
     outputs = qz_core.run_onnx(report.path, x)
     assert [o.shape for o in outputs] == [(2, 4, 8, 8), (2, 2, 8, 8)]  # flattened in the dict's order
     assert report.max_abs_diff <= 0.05 * report.output_range
+
+
+def _quantized_file(checkpoint, tmp_path):
+    out = tmp_path / "tiny_int8.pt"
+    args = ["quantize", TINY, "--weights", str(checkpoint[0]), "--calib", str(_images(tmp_path / "calib"))]
+    assert main([*args, "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    return out
+
+
+def test_cli_predict_draws_fp32_beside_int8(checkpoint, tmp_path, capsys):
+    int8 = _quantized_file(checkpoint, tmp_path)
+    images = _images(tmp_path / "photos", n=2, size=48)
+    args = ["predict", TINY, str(images), "--weights", str(checkpoint[0]), "--int8", str(int8)]
+    assert main([*args, "--out", str(tmp_path / "pred")]) == 0
+    written = sorted((tmp_path / "pred").glob("*.png"))
+    assert [p.name for p in written] == [f"0_{TINY}.png", f"1_{TINY}.png"]
+    assert Image.open(written[0]).size == (2 * 48, 48)  # the toy task draws the image itself: two panels
+    assert main(["predict", str(images / "0.png"), "--int8", str(int8), "--out", str(tmp_path / "int8_only")]) == 0
+    assert Image.open(tmp_path / "int8_only" / f"0_{TINY}.png").size == (48, 48)
+
+
+def test_cli_export_fp32_and_int8(checkpoint, tmp_path, capsys):
+    int8 = _quantized_file(checkpoint, tmp_path)
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", TINY, "--weights", str(checkpoint[0]), "--int8", str(int8), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and (tmp_path / "tiny_int8.onnx").exists()
+    assert "FP32 ONNX" in text and "INT8 ONNX" in text
+
+
+def test_cli_without_weights_warns_that_they_are_random(tmp_path, capsys):
+    args = ["quantize", TINY, "--calib", str(_images(tmp_path / "calib")), "--out", str(tmp_path / "r.pt")]
+    assert main([*args, "--workers", "0", "--no-progress"]) == 0
+    assert "weights are random" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--out", "{tmp}/same.onnx", "--onnx", "{tmp}/same.onnx"], "should end in .pt or .pth"),
+        (["--out", "{tmp}/same.pt", "--onnx", "{tmp}/same.pt"], "should end in .onnx"),
+        (["--out", "{tmp}"], "is a folder"),
+        (["--out", "{weights}"], "would overwrite the weights file"),
+        (["--out", "{tmp}/o.pt", "--epochs", "-1"], "--epochs must be a positive number; got -1"),
+        (["--out", "{tmp}/o.pt", "--lr", "nan"], "--lr must be a positive number; got nan"),
+        (["--out", "{tmp}/o.pt", "--batch-size", "0"], "--batch-size must be a positive number; got 0"),
+        (["--out", "{tmp}/o.pt", "--workers", "-1"], "--workers must be 0 or more; got -1"),
+        (["--out", "{tmp}/o.pt", "--calib-fraction", "1.5"], "--calib-fraction must be in (0, 1]"),
+        (["--out", "{tmp}/o.pt", "--qat"], "--qat needs --train DIR"),
+    ],
+)
+def test_cli_checks_options_before_any_work(checkpoint, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(qz_core.job, "get_model_builder", lambda name: pytest.fail("built a model"))
+    calib = _images(tmp_path / "calib")
+    values = {"tmp": str(tmp_path), "weights": str(checkpoint[0])}
+    args = ["quantize", TINY, "--weights", str(checkpoint[0]), "--calib", str(calib)]
+    assert main([*args, *(a.format(**values) for a in extra)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_save_keeps_the_previous_model(checkpoint, tmp_path, monkeypatch):
+    out = _quantized_file(checkpoint, tmp_path)
+    before = out.read_bytes()
+
+    def torn_write(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    int8 = qz_core.load_quantized(out)
+    monkeypatch.setattr(torch, "save", torn_write)
+    with pytest.raises(OSError, match="No space left"):
+        qz_core.save_quantized(int8, out)
+    assert out.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

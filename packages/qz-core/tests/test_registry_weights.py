@@ -3,27 +3,40 @@ import torch
 from torch import nn
 
 import qz_core
-from qz_core import QzError, list_models, load_state_dict_strict, read_checkpoint, register_model, resolve_weights
+from qz_core import ModelSpec, QzError, define_model, list_models, load_state_dict_strict, read_checkpoint, resolve_weights
 from qz_core.registry import _natural_key
 
-from conftest import TINY, TinyNet
+from conftest import TINY, TOY_TASK, TinyNet
 
 
 def test_duplicate_registration_raises():
     with pytest.raises(QzError, match=f"already registered under the name '{TINY}'"):
-        register_model(TINY, task="classification")(lambda **kw: nn.Identity())
+        define_model(ModelSpec(name=TINY, task=TOY_TASK.name, family="tiny", make_model=nn.Identity))
 
 
 def test_unknown_task_is_named():
-    with pytest.raises(QzError, match=r"Invalid task 'clasification'.*Did you mean 'classification'"):
-        register_model("x", task="clasification")
+    with pytest.raises(QzError, match=r"Invalid task 'qz_test_tsk'.*Did you mean 'qz_test_task'"):
+        define_model(ModelSpec(name="x", task="qz_test_tsk", family="tiny", make_model=nn.Identity))
+    assert "x" not in list_models()
+
+
+def test_builder_has_the_seed_signature_and_spec():
+    import inspect
+
+    builder = qz_core.get_model_builder(TINY)
+    parameters = inspect.signature(builder).parameters
+    assert list(parameters) == ["weights", "progress", "quantize", "is_qat", "skip_fuse", "kwargs"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(parameters.values())[:5])
+    assert builder.spec is qz_core.get_model_spec(TINY) and builder.__name__ == TINY
+    assert qz_core.get_model_task(TINY) is TOY_TASK
 
 
 def test_list_models_filters_and_sorts_naturally():
     assert TINY in list_models("qz_test_*")
     assert TINY not in list_models("qz_test_*", exclude="*tiny*")
-    assert TINY in list_models(task="classification")
-    assert TINY not in list_models(task="detection")
+    assert TINY in list_models(task=TOY_TASK.name)
+    with pytest.raises(QzError, match="Invalid task 'detectoin'"):
+        list_models(task="detectoin")
     assert sorted(["resnet152", "resnet18", "resnet50"], key=_natural_key) == ["resnet18", "resnet50", "resnet152"]
 
 
@@ -34,7 +47,9 @@ def test_unknown_model_suggests_closest():
 
 def test_builder_stamps_recipe():
     model = qz_core.get_model(TINY, num_classes=3)
-    assert model.qz_recipe["name"] == TINY and model.qz_recipe["model_kwargs"] == {"num_classes": 3}
+    recipe = qz_core.recipe_of(model)
+    assert recipe.name == TINY and recipe.model_kwargs == {"num_classes": 3} and recipe.options.backend in ("x86", "qnnpack")
+    assert qz_core.BuildRecipe.from_dict(recipe.to_dict()) == recipe
 
 
 def test_unconverted_model_equals_float_model_exactly(checkpoint):

@@ -107,7 +107,7 @@ def test_save_and_load_errors(checkpoint, tmp_path):
 
 
 def test_estimate_bn_stats_trains_only_the_norms():
-    from qz_core.support import estimate_bn_stats
+    from qz_core import estimate_bn_stats
 
     class NeedsTargetsInTraining(torch.nn.Module):  # like a torchvision detector
         def __init__(self):

@@ -25,7 +25,7 @@ from qz_core.partial import keep_float, quantize_from
 from qz_core.qconfig import make_qconfig
 from qz_core.weights import WeightsSource, load_state_dict_strict, resolve_weights
 
-WeightsArg = WeightsEnum | str | os.PathLike | None
+WeightsArg = WeightsSource | WeightsEnum | str | os.PathLike | None
 M = TypeVar("M", bound=nn.Module, covariant=True)
 
 
@@ -53,14 +53,15 @@ class QuantOptions:
     float_modules: Sequence[str] = field(default_factory=tuple)
     quantize_from: str | None = None
 
+    def __post_init__(self) -> None:
+        self.float_modules = tuple(self.float_modules)
+        check_fuse_level(self.fuse_level)
+
     @classmethod
     def pop_from(cls, kwargs: dict[str, Any]) -> QuantOptions:
         """Takes this class's keys out of ``kwargs`` (leaving the model's own)."""
         names = {f.name for f in fields(cls)}
-        options = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-        options.float_modules = tuple(options.float_modules)
-        check_fuse_level(options.fuse_level)
-        return options
+        return cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
 
 
 @dataclass
@@ -296,7 +297,6 @@ def prepare_built(model: nn.Module, *, is_qat: bool = False, **options: Any) -> 
     if recipe.quantize:
         raise QzError(f"{recipe.name} is already prepared for quantization.")
     merged = QuantOptions(**(asdict(recipe.options) | options))
-    check_fuse_level(merged.fuse_level)
     merged.backend = resolve_backend(merged.backend)
     prepare_quantizable(model, quantize=True, is_qat=is_qat, skip_fuse=False, options=merged, backend=merged.backend)
     model.qz_recipe = replace(recipe, quantize=True, is_qat=is_qat, options=merged)

@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from qz_core.errors import QzError, invalid_choice
-from qz_core.registry import ModelEntry, get_model_entry
+from qz_core.builder import ModelSpec, recipe_of
+from qz_core.registry import get_model_spec
 from qz_core.workflow import load_quantized
 
 # How an evaluation gets its INT8 model besides loading a file: None (FP32 only) or post-training quantization.
@@ -33,8 +34,8 @@ def check_eval_options(quantize: str | None, int8: str | os.PathLike | None, **c
 
 def resolve_eval_model(
     model: str | None, int8: str | os.PathLike | None, task: str, caller: str
-) -> tuple[str, ModelEntry, nn.Module | None]:
-    """The model name, its registry entry and the loaded INT8 model (None without ``int8``).
+) -> tuple[str, ModelSpec, nn.Module | None]:
+    """The model name, its spec and the loaded INT8 model (None without ``int8``).
 
     Raises:
         QzError: no name, an INT8 file holding another model, an unknown name, or a model of another task.
@@ -42,16 +43,16 @@ def resolve_eval_model(
     int8_model = None
     if int8 is not None:
         int8_model = load_quantized(int8)
-        saved = int8_model.qz_recipe["name"]
+        saved = recipe_of(int8_model).name
         if model is not None and model != saved:
             raise QzError(f"The INT8 model file {os.fspath(int8)!r} holds {saved!r}, not {model!r}.")
         model = saved
     if model is None:
         raise QzError("Name the model to evaluate (or pass an INT8 model file, which names it).")
-    entry = get_model_entry(model)
-    if entry.task != task:
-        raise QzError(f"{caller} takes a {task} model; {model!r} is a {entry.task} model.")
-    return model, entry, int8_model
+    spec = get_model_spec(model)
+    if spec.task != task:
+        raise QzError(f"{caller} takes a {task} model; {model!r} is a {spec.task} model.")
+    return model, spec, int8_model
 
 
 class TimedScores:

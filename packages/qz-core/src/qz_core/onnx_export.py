@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from qz_core.errors import QzError
+from qz_core.files import atomic_path
 from qz_core.workflow import is_quantized
 
 
@@ -173,7 +174,6 @@ def export_onnx(
     into integer kernels.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     quantized = is_quantized(model)
     if quantized:
@@ -185,26 +185,28 @@ def export_onnx(
         sample = model(*inputs)
     plain = isinstance(sample, Tensor) or (isinstance(sample, tuple) and all(isinstance(t, Tensor) for t in sample))
     exported = model if plain else _FlatOutputs(model).eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # qz uses the TorchScript exporter on purpose: the dynamo one cannot take quantized models.
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            torch.onnx.export(
-                exported,
-                inputs,
-                os.fspath(path),
-                opset_version=opset,
-                input_names=input_names,
-                dynamic_axes=dynamic_axes,
-                dynamo=False,
-            )
-    except Exception as exc:
-        raise QzError(f"ONNX export of {type(model).__name__} (opset {opset}) failed: {exc}") from exc
-    size_mb = path.stat().st_size / 2**20
-    if not check:
+    with atomic_path(path) as tmp:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # qz uses the TorchScript exporter on purpose: the dynamo one cannot take quantized models.
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                torch.onnx.export(
+                    exported,
+                    inputs,
+                    os.fspath(tmp),
+                    opset_version=opset,
+                    input_names=input_names,
+                    dynamic_axes=dynamic_axes,
+                    dynamo=False,
+                )
+        except Exception as exc:
+            raise QzError(f"ONNX export of {type(model).__name__} (opset {opset}) failed: {exc}") from exc
+        size_mb = tmp.stat().st_size / 2**20
+        got = run_onnx(tmp, tuple(inputs)) if check else None
+    if got is None:
         return OnnxReport(path, opset, quantized, size_mb, None, None, None)
     expected = _flatten(sample)
-    got = run_onnx(path, tuple(inputs))
     if len(got) != len(expected):
         raise QzError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(expected)}.")
     diffs = [np.abs(g.astype(np.float64) - e.astype(np.float64)) for g, e in zip(got, expected, strict=True)]

@@ -34,10 +34,11 @@ def register_spec(spec: ModelSpec, builder: ModelBuilder[Any]) -> None:
     """Adds ``spec`` and its public builder (``define_model`` calls this).
 
     Raises:
-        QzError: the name is taken.
+        QzError: the name is taken, or no installed task has the spec's task name.
     """
     if spec.name in _MODELS:
         raise QzError(f"An entry is already registered under the name {spec.name!r}.")
+    get_task(spec.task)
     _MODELS[spec.name] = (spec, builder)
 
 

@@ -44,20 +44,20 @@ class WeightsSource:
 
 
 def resolve_weights(
-    weights: WeightsEnum | str | os.PathLike | None, weights_enum: type[WeightsEnum] | None
+    weights: WeightsSource | WeightsEnum | str | os.PathLike | None, weights_enum: type[WeightsEnum] | None
 ) -> WeightsSource | None:
     """Turns ``weights`` into a ``WeightsSource``.
 
     Args:
-        weights: None, an enum member, its name (``"DEFAULT"``, ``"IMAGENET1K_V2"``,
+        weights: None, a resolved source (returned as is), an enum member, its name (``"DEFAULT"``, ``"IMAGENET1K_V2"``,
             ``"ResNet50_Weights.IMAGENET1K_V2"``) or a path to a local checkpoint.
         weights_enum: the model's torchvision weights enum, if it has one.
 
     Raises:
         QzError: a name that is not a member and not an existing file.
     """
-    if weights is None:
-        return None
+    if weights is None or isinstance(weights, WeightsSource):
+        return weights
     if isinstance(weights, WeightsEnum):
         if weights_enum is not None and not isinstance(weights, weights_enum):
             raise invalid_choice("weights", str(weights), _names(weights_enum))
