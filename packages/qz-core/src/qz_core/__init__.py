@@ -14,10 +14,11 @@ from qz_core.builder import (
     prepare_quantizable,
     recipe_of,
 )
-from qz_core.data import image_dataset, image_loader
+from qz_core.data import image_dataset, image_files, image_loader, read_rgb
 from qz_core.errors import QzError
 from qz_core.files import atomic_path, write_atomic
 from qz_core.fusion import FUSE_LEVELS, fuse_in_blocks, fuse_modules, fuse_sequentials, sequential_fusion_groups
+from qz_core.job import ModelSource, QuantizeRequest, QuantizeResult, export_model, predict_images, quantize_model
 from qz_core.measure import Latency, compare_latency, measure_latency, model_size_mb, timing_setup
 from qz_core.modules import QuantizableSiLU, QuantizableSqueezeExcitation, replace_silu
 from qz_core.onnx_export import OnnxReport, export_onnx, run_onnx
@@ -60,11 +61,14 @@ __all__ = [
     "Latency",
     "LoadedWeights",
     "ModelBuilder",
+    "ModelSource",
     "ModelSpec",
     "OnnxReport",
     "QuantOptions",
     "QuantizableSiLU",
     "QuantizableSqueezeExcitation",
+    "QuantizeRequest",
+    "QuantizeResult",
     "QzError",
     "Task",
     "atomic_path",
@@ -76,6 +80,7 @@ __all__ = [
     "define_model",
     "ensure_calibrated",
     "estimate_bn_stats",
+    "export_model",
     "export_onnx",
     "fuse_in_blocks",
     "fuse_modules",
@@ -88,6 +93,7 @@ __all__ = [
     "get_model_weights",
     "get_task",
     "image_dataset",
+    "image_files",
     "image_loader",
     "is_quantized",
     "list_models",
@@ -98,9 +104,12 @@ __all__ = [
     "measure_latency",
     "model_size_mb",
     "platform_backend",
+    "predict_images",
     "prepare_built",
     "prepare_quantizable",
+    "quantize_model",
     "read_checkpoint",
+    "read_rgb",
     "recipe_of",
     "register_task",
     "replace_silu",

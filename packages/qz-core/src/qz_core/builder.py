@@ -372,7 +372,7 @@ class _Builder(Generic[M]):
 
 
 def define_model(spec: ModelSpec, *, module: str | None = None) -> ModelBuilder[Any]:
-    """Registers ``spec`` and returns its public builder (``resnet50 = define_model(ModelSpec(...))``).
+    """Registers ``spec`` and returns its public builder (``name = define_model(ModelSpec(...))``).
 
     Args:
         spec: the model's spec.

@@ -1,4 +1,8 @@
-"""Image folders for calibration, QAT and evaluation data."""
+"""Image folders for calibration, QAT and evaluation data, read as the user sees them.
+
+Hidden files and folders (``.ipynb_checkpoints``) are skipped, 16-bit images are scaled rather than
+clipped, and an unreadable file is named in one clear error.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
@@ -16,22 +21,69 @@ from qz_core.errors import QzError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
+def is_hidden(path: Path) -> bool:
+    """True for dot files and dot folders (editor and notebook leftovers)."""
+    return path.name.startswith(".")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The visible image files directly inside ``folder``, sorted."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p))
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Reads an image as 8-bit RGB; 16-bit and float images are scaled to 0..255, not clipped.
+
+    Raises:
+        QzError: the file is missing, not an image, or damaged.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                array = np.asarray(image, dtype=np.float64)
+                top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise QzError(f"Cannot read image {os.fspath(path)!r}: {exc}") from None
+
+
 class FlatImageFolder(Dataset):
     """Images directly inside one folder, without labels (target -1): enough for calibration."""
 
     def __init__(self, root: Path, transform: Callable[[Image.Image], Any] | None = None) -> None:
-        self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = image_files(root)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.open(self.files[index]).convert("RGB")
+        image = read_rgb(self.files[index])
         return (self.transform(image) if self.transform else image), -1
 
 
-def _check_dir(path: str | os.PathLike, purpose: str) -> Path:
+class VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden class folders and files, reading images with ``read_rgb``."""
+
+    def __init__(self, root: str, transform: Callable[[Image.Image], Any] | None = None) -> None:
+        super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=_visible_image)
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def _visible_image(path: str) -> bool:
+    file = Path(path)
+    return file.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(file)
+
+
+def check_dir(path: str | os.PathLike, purpose: str) -> Path:
+    """``path`` as an existing folder, else a clear error naming the purpose."""
     root = Path(path).expanduser()
     if not root.exists():
         raise QzError(f"The {purpose} folder {str(root)!r} does not exist.")
@@ -52,11 +104,11 @@ def image_dataset(
     Raises:
         QzError: the folder is missing or holds no images.
     """
-    root = _check_dir(path, purpose)
-    has_classes = any(p.is_dir() for p in root.iterdir())
+    root = check_dir(path, purpose)
+    has_classes = any(p.is_dir() and not is_hidden(p) for p in root.iterdir())
     if has_classes:
         try:
-            return ImageFolder(os.fspath(root), transform=transform)
+            return VisibleImageFolder(os.fspath(root), transform=transform)
         except FileNotFoundError as exc:
             raise QzError(f"The {purpose} folder {str(root)!r}: {exc}") from None
     if labeled:

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from qz_core.errors import QzError, invalid_choice
 from qz_core.builder import ModelSpec, recipe_of
+from qz_core.errors import QzError, invalid_choice
 from qz_core.registry import get_model_spec
 from qz_core.workflow import load_quantized
 

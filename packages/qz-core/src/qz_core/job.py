@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qz_core.builder import ModelSpec, prepare_built, recipe_of
+from qz_core.data import IMAGE_EXTENSIONS, image_files, read_rgb
 from qz_core.errors import QzError
 from qz_core.files import atomic_path, check_output_dir, check_output_path
 from qz_core.fusion import check_fuse_level
@@ -33,7 +34,6 @@ from qz_core.workflow import calibrate, convert, load_quantized, save_quantized,
 
 MODEL_SUFFIXES = (".pt", ".pth")
 ONNX_SUFFIXES = (".onnx",)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
 def _check_positive(**values: float | None) -> None:
@@ -260,22 +260,14 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += image_files(path)
         elif path.is_file():
             files.append(path)
         else:
             raise QzError(f"Image {str(path)!r} does not exist.")
     if not files:
-        raise QzError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}.")
+        raise QzError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}.")
     return files
-
-
-def _read_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise QzError(f"Cannot read image {str(path)!r}: {exc}") from None
 
 
 def _side_by_side(panels: Sequence[Image.Image]) -> Image.Image:
@@ -304,7 +296,7 @@ def predict_images(source: ModelSource, images: Sequence[Path], out_dir: Path, *
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:
-        image = _read_image(path)
+        image = read_rgb(path)
         panels = [
             task.draw(image, task.predict(model, [image], transform)[0], names, f"{spec.name} {label}")
             for label, model in models.items()

@@ -40,8 +40,8 @@ class OnnxReport:
 
 
 # aten ops whose stock symbolic rejects quantized inputs, by the opset module their symbolic comes from:
-# permute/transpose (ConvNeXt's LayerNorm), gelu, slice (a detector FPN's P6 ``x[..., ::2, ::2]``),
-# pad/constant_pad_nd (YOLOv3-tiny's ZeroPad2d: padding with the zero point is padding with 0.0).
+# permute/transpose (a channels-last LayerNorm), gelu, slice (strided subsampling ``x[..., ::2, ::2]``),
+# pad/constant_pad_nd (ZeroPad2d: padding with the zero point is padding with 0.0).
 _QUANTIZED_PASSTHROUGH_OPS = {
     "permute": 9,
     "gelu": 9,
@@ -84,7 +84,8 @@ def _quantized_hardswish(g: Any, x: Any, scale: Any, zero_point: Any) -> Any:
     so QuantizeLinear's saturation is the relu6; read back with scale 1/255, the same bytes are
     relu6(x + 3) / 6. onnxruntime fuses DQ/DQ -> Add -> Q into QLinearAdd and DQ/DQ -> Mul -> Q into
     QLinearMul. The stock symbolic (DQ -> HardSwish -> Q) leaves a float island per activation,
-    about a quarter of MobileNetV3's INT8 time. The extra rounding is 1/255 of hardsigmoid's range.
+    about a quarter of the INT8 time of a network built on hardswish. The extra rounding is 1/255
+    of hardsigmoid's range.
     """
     from torch.onnx import symbolic_helper as sh
 
@@ -147,7 +148,7 @@ class _FlatOutputs(nn.Module):
     """Returns a model's output tensors as one flat tuple, in ``_flatten``'s order.
 
     The TorchScript exporter traces quantized models strictly, and a strict trace refuses dict
-    outputs (segmenters' ``{"out", "aux"}``, detectors' lists of dicts). The graph is the same.
+    outputs (``{"out", "aux"}``, lists of dicts). The graph is the same.
     """
 
     def __init__(self, model: nn.Module) -> None:

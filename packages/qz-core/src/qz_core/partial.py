@@ -82,7 +82,7 @@ def count_float_islands(model: nn.Module) -> int:
     """How many DeQuant -> float -> Quant islands a (prepared or converted) model keeps.
 
     Counts ``FloatIsland`` wrappers, plus what modules that run part of their own forward in float
-    between their own stubs declare in a ``qz_float_islands`` attribute (SSD300's L2Norm, Faster
-    R-CNN's RoIAlign), so no float part of a model goes unreported.
+    between their own stubs declare in a ``qz_float_islands`` attribute (a float normalization, an
+    RoIAlign), so no float part of a model goes unreported.
     """
     return sum(isinstance(m, FloatIsland) + int(getattr(m, "qz_float_islands", 0)) for m in model.modules())

@@ -107,7 +107,7 @@ def check_qconfig(qconfig: QConfig, backend: str, *, allow_saturation: bool = Fa
     """Refuses a qconfig whose activations saturate the backend's kernels.
 
     On x86/fbgemm, u8 activations over the full 0..255 range overflow the int16 pair sums
-    of the VPMADDUBSW kernels; seed 003 measured ResNet50 top-1 fall from 80% to 25%.
+    of the VPMADDUBSW kernels; top-1 accuracy was measured to fall from 80% to 25%.
     """
     if backend not in _SATURATING_BACKENDS:
         return
@@ -117,7 +117,7 @@ def check_qconfig(qconfig: QConfig, backend: str, *, allow_saturation: bool = Fa
         message = (
             f"Activation observer {type(observer).__name__} uses the full 8-bit range "
             f"({q_min}..{q_max}) on backend {backend!r}: its kernels saturate int16 pair sums, "
-            "and accuracy collapses (ResNet50 top-1 80% -> 25% in seed 003). "
+            "and accuracy collapses (top-1 measured to fall from 80% to 25%). "
             "Use reduce_range=True (the default on this backend) or backend='qnnpack'."
         )
         if not allow_saturation:

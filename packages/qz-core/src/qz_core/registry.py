@@ -87,7 +87,7 @@ def get_task(name: str) -> Task:
     try:
         return _TASKS[name]
     except KeyError:
-        hint = "" if _TASKS else "No task is installed: install qz-classification, qz-detection or qz-segmentation."
+        hint = "" if _TASKS else "No task is installed: install a qz task package (pip install qz-<task>)."
         raise invalid_choice("task", name, _TASKS, hint=hint) from None
 
 
@@ -104,7 +104,7 @@ def list_models(
     """Names of registered models, naturally sorted, filtered by task and wildcards.
 
     Example:
-        ``list_models("resnet*", task="classification")``
+        ``list_models("mobile*", task=..., exclude="*_large")``
     """
     _load_models()
     if task is not None:
@@ -123,7 +123,7 @@ def _lookup(name: str) -> tuple[ModelSpec, ModelBuilder[Any]]:
     try:
         return _MODELS[name]
     except KeyError:
-        hint = "" if _MODELS else "No model is registered: install qz-classification, -detection or -segmentation."
+        hint = "" if _MODELS else "No model is registered: install a qz task package (pip install qz-<task>)."
         raise invalid_choice("model name", name, _MODELS, hint=hint) from None
 
 

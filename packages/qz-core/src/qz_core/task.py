@@ -3,7 +3,7 @@
 A task package subclasses ``Task`` once and names the instance under the ``qz.tasks`` entry point.
 Core asks it how to read calibration and training folders, how to batch images of different sizes,
 the QAT loss, the module that goes to ONNX, how to predict and draw, and how ``qz eval`` scores it.
-What a model family does differently (a YOLO's loss, a detector's decoding) lives on its model class,
+What a model family does differently (its own loss, its own decoding) lives on its model class,
 behind a protocol the task package defines.
 """
 
@@ -91,7 +91,7 @@ class Task(ABC):
     def settle_random_weights(self, model: nn.Module, inputs: Sequence[Any]) -> None:
         """Makes a random-weight float model's activations realistic (BatchNorm statistics from ``inputs``).
 
-        Benchmarks and support probes run random weights; a task whose models need more (detector heads
+        Benchmarks and support probes run random weights; a task whose models need more (heads
         initialized near zero) overrides it.
         """
         estimate_bn_stats(model, inputs)

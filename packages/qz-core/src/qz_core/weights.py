@@ -49,8 +49,8 @@ def resolve_weights(
     """Turns ``weights`` into a ``WeightsSource``.
 
     Args:
-        weights: None, a resolved source (returned as is), an enum member, its name (``"DEFAULT"``, ``"IMAGENET1K_V2"``,
-            ``"ResNet50_Weights.IMAGENET1K_V2"``) or a path to a local checkpoint.
+        weights: None, a resolved source (returned as is), an enum member, its name (``"DEFAULT"``, ``"V2"``,
+            ``"SomeModel_Weights.V2"``) or a path to a local checkpoint.
         weights_enum: the model's torchvision weights enum, if it has one.
 
     Raises:

@@ -208,7 +208,7 @@ def estimate_bn_stats(model: nn.Module, batches: Iterable[Any]) -> None:
 
     Random-weight models otherwise push activations to zero or infinity, and their INT8 error
     and latency mean nothing. Only the BatchNorm layers are put in training mode: the rest of the
-    model (dropout, a detector's inference path, which needs no targets) runs as in eval.
+    model (dropout, an inference path that needs no targets) runs as in eval.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:

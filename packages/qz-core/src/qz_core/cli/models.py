@@ -99,7 +99,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Adds ``list``, ``quantize``, ``predict`` and ``export``."""
     p = sub.add_parser("list", help="list registered models (wildcards allowed)")
-    p.add_argument("pattern", nargs="*", help="wildcard patterns, e.g. 'resnet*'")
+    p.add_argument("pattern", nargs="*", help="wildcard patterns, e.g. 'mobile*'")
     p.add_argument("--task", choices=list_tasks(), help="only models of this task")
     p.set_defaults(func=_cmd_list)
 
