@@ -45,7 +45,8 @@ def _test_dir(package: str) -> Path:
 def tests(session: nox.Session, package: str) -> None:
     """Runs one package's tests in its own virtualenv; 'integration' runs tests/ with all installed."""
     _install(session, *_dependencies(package))
-    session.run("pytest", str(_test_dir(package)), "-q", *session.posargs, env=ENV)
+    args = ["-q", "--durations=15", "--timeout=900", *session.posargs]
+    session.run("pytest", str(_test_dir(package)), *args, env=ENV)
 
 
 @nox.session

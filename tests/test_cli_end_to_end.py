@@ -1,4 +1,4 @@
-"""Cross-package: the installed `qz` script sees every package's models and quantizes real photos."""
+"""Cross-package: the same verbs (quantize, predict, export) for a model of every task, on real photos."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import qz_core
 
@@ -18,56 +20,118 @@ ENV = {**os.environ, "YOLO_OFFLINE": "1"}
 
 def _qz(*args: str) -> subprocess.CompletedProcess:
     script = Path(sys.executable).parent / "qz"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, env=ENV, timeout=600)
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=ENV, timeout=900)
 
 
-def _real_photos(tmp_path: Path) -> Path:
-    """ultralytics ships two real photos (bus.jpg, zidane.jpg): a real calibration folder."""
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Real photos of mixed sizes: ultralytics' bus.jpg and zidane.jpg, and scikit-image's astronaut and coffee."""
+    import skimage.data
     import ultralytics
 
-    assets = Path(ultralytics.__file__).parent / "assets"
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    for photo in sorted(assets.glob("*.jpg")):
+    folder = tmp_path_factory.mktemp("photos")
+    for photo in sorted((Path(ultralytics.__file__).parent / "assets").glob("*.jpg")):
         shutil.copy(photo, folder / photo.name)
-    assert len(list(folder.iterdir())) >= 2
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    sizes = {Image.open(p).size for p in folder.iterdir()}
+    assert len(sizes) >= 3
     return folder
 
 
-def test_every_task_package_registers_through_entry_points():
-    from importlib.metadata import entry_points
-
-    groups = {ep.value for ep in entry_points(group="qz.models")}
-    assert {"qz_classification.models", "qz_detection.models", "qz_segmentation.models"} <= groups
-    out = _qz("list", "--task", "classification")
-    assert out.returncode == 0 and "resnet50" in out.stdout
-
-
-def test_quantize_real_photos_then_eval_the_saved_model(tmp_path):
+def _torchvision_checkpoint(tmp_path: Path, name: str, **kwargs) -> Path:
     torch.manual_seed(0)
-    checkpoint = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), checkpoint)
-    calib = _real_photos(tmp_path)
-    out, onnx_file = tmp_path / "r18_int8.pt", tmp_path / "r18_int8.onnx"
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **kwargs)
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _ultralytics_checkpoint(tmp_path: Path) -> Path:
+    code = (
+        "import sys; from ultralytics import YOLO; "
+        "YOLO('yolov5nu.yaml').save(sys.argv[1])"
+    )  # in a subprocess: ultralytics patches torch.save and PIL when imported
+    path = tmp_path / "yolov5nu.pt"
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=ENV, timeout=300, capture_output=True)
+    return path
+
+
+CASES = {
+    "classification": ("mobilenet_v3_small", lambda tmp: _torchvision_checkpoint(tmp, "mobilenet_v3_small")),
+    "detection": ("ssdlite320_mobilenet_v3_large", lambda tmp: _torchvision_checkpoint(tmp, "ssdlite320_mobilenet_v3_large")),
+    "yolo": ("yolov5n", _ultralytics_checkpoint),
+    "segmentation": ("lraspp_mobilenet_v3_large", lambda tmp: _torchvision_checkpoint(tmp, "lraspp_mobilenet_v3_large")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_quantize_predict_export_on_real_photos(case, photos, tmp_path):
+    model, make_checkpoint = CASES[case]
+    weights = make_checkpoint(tmp_path)
+    out, onnx_file = tmp_path / f"{model}_int8.pt", tmp_path / f"{model}_int8.onnx"
     result = _qz(
-        "quantize", "resnet18", "--weights", str(checkpoint), "--calib", str(calib),
-        "--out", str(out), "--onnx", str(onnx_file), "--workers", "0",
+        "quantize", model, "--weights", str(weights), "--calib", str(photos), "--out", str(out),
+        "--onnx", str(onnx_file), "--batch-size", "2", "--workers", "0", "--no-progress",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "INT8 model saved" in result.stdout and "INT8 ONNX" in result.stdout
-    model = qz_core.load_quantized(out)
-    assert qz_core.is_quantized(model) and model.qz_recipe["name"] == "resnet18"
-    assert onnx_file.stat().st_size < 0.35 * checkpoint.stat().st_size
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PTQ, 2 batches" in result.stdout and "INT8 ONNX" in result.stdout and "latency" in result.stdout
+    assert "Traceback" not in result.stderr
+    int8 = qz_core.load_quantized(out)
+    assert qz_core.is_quantized(int8) and qz_core.recipe_of(int8).name == model
+    assert out.stat().st_size < 0.4 * weights.stat().st_size
+
+    pictures = tmp_path / "predictions"
+    result = _qz("predict", model, str(photos), "--weights", str(weights), "--int8", str(out), "--out", str(pictures))
+    assert result.returncode == 0, result.stderr[-3000:]
+    drawn = sorted(pictures.glob("*.png"))
+    assert len(drawn) == len(list(photos.iterdir()))
+    assert all(Image.open(p).width > Image.open(p).height for p in drawn)  # FP32 and INT8 side by side
+
+    fp32_onnx = tmp_path / f"{model}_fp32.onnx"
+    result = _qz("export", model, "--weights", str(weights), "--out", str(fp32_onnx))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FP32 ONNX" in result.stdout and fp32_onnx.stat().st_size > onnx_file.stat().st_size
 
 
 def test_bad_input_exits_2_with_one_clear_line(tmp_path):
     result = _qz("quantize", "resnet5O", "--calib", str(tmp_path), "--out", str(tmp_path / "x.pt"))
     assert result.returncode == 2
     assert "Invalid model name 'resnet5O'. Did you mean 'resnet50'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     result = _qz("quantize", "resnet18", "--calib", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt"))
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert result.returncode == 2 and "is not an existing folder" in result.stderr
 
 
-def test_eval_command_is_shared_by_task_packages():
-    result = _qz("eval", "--help")
-    assert result.returncode == 0 and "classification" in result.stdout
+def test_every_task_has_its_eval_and_demo_commands():
+    for command in ("eval", "demo"):
+        result = _qz(command, "--help")
+        assert result.returncode == 0
+        assert all(task in result.stdout for task in ("classification", "detection", "segmentation")), result.stdout
+    assert set(qz_core.list_tasks()) >= {"classification", "detection", "segmentation"}
+
+
+def test_listing_and_help_import_no_heavy_dependency():
+    code = (
+        "import sys, qz_core; from qz_core.cli import build_parser; names = qz_core.list_models(); build_parser(); "
+        "heavy = [m for m in ('ultralytics', 'matplotlib', 'pycocotools') if m in sys.modules]; "
+        "print(len(names), heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    count, heavy = result.stdout.split(" ", 1)
+    assert int(count) >= 80 and heavy.strip() == "[]"
+
+
+def test_using_a_model_of_every_task_leaves_torch_and_pil_alone():
+    code = (
+        "import torch, PIL.Image, qz_core\n"
+        "save, open_ = torch.save, PIL.Image.open\n"
+        "for name in ('mobilenet_v3_small', 'yolov5n', 'ssdlite320_mobilenet_v3_large', 'lraspp_mobilenet_v3_large'):\n"
+        "    qz_core.get_model(name)\n"
+        "assert 'ultralytics' in __import__('sys').modules\n"
+        "print(torch.save is save, PIL.Image.open is open_)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"]

@@ -3,7 +3,15 @@ import torch
 from torch import nn
 
 import qz_core
-from qz_core import ModelSpec, QzError, define_model, list_models, load_state_dict_strict, read_checkpoint, resolve_weights
+from qz_core import (
+    ModelSpec,
+    QzError,
+    define_model,
+    list_models,
+    load_state_dict_strict,
+    read_checkpoint,
+    resolve_weights,
+)
 from qz_core.registry import _natural_key
 
 from conftest import TINY, TOY_TASK, TinyNet
@@ -48,7 +56,11 @@ def test_unknown_model_suggests_closest():
 def test_builder_stamps_recipe():
     model = qz_core.get_model(TINY, num_classes=3)
     recipe = qz_core.recipe_of(model)
-    assert recipe.name == TINY and recipe.model_kwargs == {"num_classes": 3} and recipe.options.backend in ("x86", "qnnpack")
+    assert (
+        recipe.name == TINY
+        and recipe.model_kwargs == {"num_classes": 3}
+        and recipe.options.backend in ("x86", "qnnpack")
+    )
     assert qz_core.BuildRecipe.from_dict(recipe.to_dict()) == recipe
 
 
@@ -94,6 +106,7 @@ def test_checkpoint_layouts(tmp_path):
 
 
 def test_missing_weights_file_and_bad_name():
+    import torchvision.models._api
     from torchvision.models import ResNet18_Weights
 
     with pytest.raises(QzError, match=r"Weights file 'nope/model\.pth' does not exist"):
@@ -110,3 +123,21 @@ def test_strict_loader_allows_only_observer_buffers():
     load_state_dict_strict(model, float_state, "test")
     with pytest.raises(QzError, match="missing keys"):
         load_state_dict_strict(model, {}, "empty")
+
+
+def test_failed_download_is_one_line_with_the_url(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api
+    from torchvision.models import ResNet18_Weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    source = resolve_weights("DEFAULT", ResNet18_Weights)
+    with pytest.raises(
+        QzError, match=r"Downloading weights ResNet18_Weights.IMAGENET1K_V1 failed .*name resolution"
+    ) as err:
+        source.state_dict(progress=False)
+    assert ResNet18_Weights.DEFAULT.url in str(err.value) and "--weights path/to/file.pth" in str(err.value)

@@ -127,3 +127,20 @@ def test_estimate_bn_stats_trains_only_the_norms():
     assert torch.allclose(model.bn.running_mean, expected, atol=1e-5)
     assert not model.training and not model.bn.training and not model.drop.training
     assert model.bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_calibration_data_is_refused(checkpoint, bad):
+    model = qz_core.get_model(TINY, weights=str(checkpoint[0]), quantize=True)
+    batches = random_batches()
+    batches[1][0, 0, 3, 3] = bad
+    with pytest.raises(QzError, match=r"Calibration batch 2 holds 1 non-finite value"):
+        qz_core.calibrate(model, batches, progress=False)
+
+
+def test_non_finite_weights_are_refused(checkpoint, tmp_path):
+    state = torch.load(checkpoint[0])
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(QzError, match=r"hold NaN or Inf values in: fc.weight"):
+        qz_core.get_model(TINY, weights=str(tmp_path / "nan.pth"))

@@ -38,9 +38,21 @@ class WeightsSource:
         return str(self.enum_member) if self.enum_member is not None else str(self.path)
 
     def state_dict(self, progress: bool = True) -> dict[str, torch.Tensor]:
-        if self.enum_member is not None:
+        """The weights: downloaded (or from torch's cache) for an enum member, read for a file.
+
+        Raises:
+            QzError: the download failed (with the URL to fetch by hand) or the file is not a checkpoint.
+        """
+        if self.enum_member is None:
+            return read_checkpoint(self.path)
+        try:
             return self.enum_member.get_state_dict(progress=progress, check_hash=True)
-        return read_checkpoint(self.path)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch a RuntimeError
+            reason = str(getattr(exc, "reason", exc)).splitlines()[0]
+            raise QzError(
+                f"Downloading weights {self.label} failed ({reason}). Without network, fetch "
+                f"{self.enum_member.url} elsewhere and pass the file: --weights path/to/file.pth."
+            ) from None
 
 
 def resolve_weights(
@@ -141,6 +153,13 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         for k, v in state_dict.items()
         if k in expected and isinstance(v, torch.Tensor) and not v.is_quantized and v.shape != expected[k].shape
     ]
+    non_finite = [
+        k
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if non_finite:
+        raise QzError(f"Weights {source!r} hold NaN or Inf values in: {_summarize(non_finite)}.")
     if missing or unexpected or shapes:
         parts = []
         if missing:

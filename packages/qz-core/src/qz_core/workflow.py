@@ -122,11 +122,31 @@ def calibrate(
     for batch in tqdm(data, total=limit, desc="calibrate", unit="batch", disable=not progress):
         if num_batches is not None and seen >= num_batches:
             break
-        model((inputs or batch_inputs)(batch))
+        batch_input = (inputs or batch_inputs)(batch)
+        _check_finite(batch_input, f"Calibration batch {seen + 1}")
+        model(batch_input)
         seen += 1
     if seen == 0:
         raise QzError("Calibration saw no batches: the calibration data is empty.")
     return seen
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Observers turn one NaN or Inf into a model whose every output is NaN: refuse it, saying where."""
+    for tensor in _tensors(value):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise QzError(f"{where} holds {bad} non-finite value(s) (NaN or Inf): check the images and the transform.")
 
 
 def train_qat(

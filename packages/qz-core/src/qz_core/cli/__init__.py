@@ -16,20 +16,28 @@ from qz_core.registry import get_task, list_tasks
 def _add_task_commands(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("eval", help="evaluate FP32 and INT8 models on a validation set")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
-    demo = sub.add_parser("demo", help="FP32 vs INT8 PTQ vs INT8 QAT on a small real dataset that ships offline")
-    demos = demo.add_subparsers(dest="task", metavar="TASK")
     for name in list_tasks():
         task = get_task(name)
         task.add_eval_command(tasks.add_parser(name, help=f"{task.metric}, FP32 vs INT8"))
-        parser = argparse.ArgumentParser(add_help=False)
-        if task.add_demo_command(parser):
-            task.add_demo_command(demos.add_parser(name, help=f"the {name} demo ({task.metric})"))
-    demo.set_defaults(func=lambda args: _no_demo_task(demo))
+    demos = [name for name in list_tasks() if get_task(name).add_demo_command(argparse.ArgumentParser())]
+    # Without its own --help: 'qz demo --task T --help' shows the options of T's demo.
+    demo = sub.add_parser(
+        "demo", add_help=False, help="FP32 vs INT8 PTQ vs INT8 QAT on a small real dataset that ships offline"
+    )
+    demo.add_argument("--task", choices=demos, default=demos[0] if demos else None, help="which task's demo")
+    demo.set_defaults(func=_run_demo, accepts_extra=True, demo_tasks=demos)
 
 
-def _no_demo_task(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.task is None:
+        raise QzError("No installed task package has a demo.")
+    parser = argparse.ArgumentParser(
+        prog=f"qz demo --task {args.task}",
+        description=f"The {args.task} demo. Demos of the installed tasks: --task {{{','.join(args.demo_tasks)}}}.",
+    )
+    get_task(args.task).add_demo_command(parser)
+    demo_args = parser.parse_args(args.extra)
+    return demo_args.func(demo_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qz``: bad input exits with status 2 and one line; Ctrl-C with 130."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "accepts_extra", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = extra
         with warnings.catch_warnings():
             quiet_upstream_warnings()
             return args.func(args)
