@@ -41,7 +41,7 @@ def photos(tmp_path_factory) -> Path:
 
 def _torchvision_checkpoint(tmp_path: Path, name: str, **kwargs) -> Path:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **kwargs)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
     path = tmp_path / f"{name}.pth"
     torch.save(model.state_dict(), path)
     return path
@@ -57,11 +57,15 @@ def _ultralytics_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
+def _torchvision(name: str, **kwargs):
+    return name, lambda tmp: _torchvision_checkpoint(tmp, name, **kwargs)
+
+
 CASES = {
-    "classification": ("mobilenet_v3_small", lambda tmp: _torchvision_checkpoint(tmp, "mobilenet_v3_small")),
-    "detection": ("ssdlite320_mobilenet_v3_large", lambda tmp: _torchvision_checkpoint(tmp, "ssdlite320_mobilenet_v3_large")),
+    "classification": _torchvision("mobilenet_v3_small"),
+    "detection": _torchvision("ssdlite320_mobilenet_v3_large", weights_backbone=None),
     "yolo": ("yolov5n", _ultralytics_checkpoint),
-    "segmentation": ("lraspp_mobilenet_v3_large", lambda tmp: _torchvision_checkpoint(tmp, "lraspp_mobilenet_v3_large")),
+    "segmentation": _torchvision("lraspp_mobilenet_v3_large", weights_backbone=None),
 }
 
 

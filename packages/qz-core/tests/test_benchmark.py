@@ -2,91 +2,74 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.ao.nn.quantized import FloatFunctional
-from torch.ao.quantization import DeQuantStub, QuantStub
+from torch import nn
 
-from qz_core import QzError, build_quantizable, fuse_modules, get_model_entry, register_model
-from qz_core.bench import Latency
-from qz_core.benchmark import BenchRow, run_benchmark, run_support, select_models, torchvision_int8
-from qz_core.commands import register
-from qz_core.ort_tools import ORT_OWN, ort_op_profile, ort_quantize
-from qz_core.report import (
+from conftest import TOY_TASK, QuantizableTinyNet
+
+from qz_core import ModelSpec, QzError, define_model, get_model_spec
+from qz_core.measure import Latency, compare_latency
+from qz_core.tools.bench import (
+    BenchRow,
     bench_markdown,
     bench_summary_markdown,
     read_bench_json,
-    replace_block,
-    support_markdown,
-    update_readme_block,
+    run_benchmark,
+    torchvision_int8,
     write_bench_outputs,
+)
+from qz_core.tools.cli import add_tool_commands
+from qz_core.tools.common import select_models
+from qz_core.tools.ort_tools import ORT_OWN, ort_op_profile, ort_quantize
+from qz_core.tools.readme import replace_block, update_readme_block
+from qz_core.tools.support import (
+    SupportResult,
+    read_support_json,
+    run_support,
+    support_markdown,
+    write_support_outputs,
 )
 
 TINY = "qz_test_bench_tinynet"
 BROKEN = "qz_test_bench_broken"
 
 
-class TinyNet(nn.Module):
-    """conv-bn-relu, a residual add, global pooling and a linear head."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.add = FloatFunctional()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
-        self.quant = QuantStub()
-        self.dequant = DeQuantStub()
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
-        x = self.add.add(self.bn2(self.conv2(x)), x)
-        return self.dequant(self.fc(torch.flatten(self.pool(x), 1)))
-
-    def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
-        fuse_modules(self, [["conv1", "bn1", "relu1"], ["conv2", "bn2"]], is_qat)
-
-
-def _tiny(*, weights=None, progress=True, quantize=False, is_qat=False, skip_fuse=False, **kwargs: Any) -> nn.Module:
-    return build_quantizable(
-        TinyNet,
-        weights=weights,
-        weights_enum=None,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
-    )
-
-
-def _broken(*, quantize: bool = False, **kwargs: Any) -> nn.Module:
-    if quantize:
+def _broken(context: Any, kwargs: dict[str, Any]) -> None:
+    if context.quantize:
         raise RuntimeError("deliberately broken in quantize mode")
-    return _tiny(**kwargs)
 
 
-def _register_once(name: str, builder: Any) -> None:
+def _define_once(name: str, **fields: Any) -> None:
     try:
-        get_model_entry(name)
+        get_model_spec(name)
     except QzError:
         # A target no model can reach, so the miss path (profiles, notes) runs on every bench of the toy.
-        register_model(name, task="classification", input_size=(32, 32), family="qz_test", deployed_ratio_target=0.0)(
-            builder
+        spec = ModelSpec(
+            name=name,
+            task=TOY_TASK.name,
+            family="qz_test",
+            make_model=QuantizableTinyNet,
+            input_size=(32, 32),
+            deployed_ratio_target=0.0,
+            **fields,
         )
+        define_model(spec)
 
 
-_register_once(TINY, _tiny)
-_register_once(BROKEN, _broken)
+_define_once(TINY)
+_define_once(BROKEN, adjust_kwargs=_broken)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qz")
+    add_tool_commands(parser.add_subparsers(dest="command"))
+    return parser
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +240,7 @@ def test_support_on_the_toy(tmp_path) -> None:
 
 
 def test_support_command_writes_files_and_readme(tmp_path, capsys) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = _parser()
     readme = tmp_path / "README.md"
     readme.write_text("# t\n<!-- support-table:start -->\nold\n<!-- support-table:end -->\ntail\n")
     args = parser.parse_args(["support", TINY, "--engines", "qnnpack", "--out", str(tmp_path / "s")])
@@ -297,7 +277,7 @@ def test_readme_block_errors(tmp_path) -> None:
 def test_select_models() -> None:
     assert select_models(["qz_test_bench_*"]) == [BROKEN, TINY]
     assert select_models([TINY, "qz_test_bench_*"]) == [TINY, BROKEN]
-    assert TINY in select_models(task="classification")
+    assert TINY in select_models(task=TOY_TASK.name)
     with pytest.raises(QzError, match="Did you mean 'qz_test_bench_tinynet'"):
         select_models(["qz_test_bench_tinynte"])
     with pytest.raises(QzError, match="--task TASK or --all"):
@@ -324,8 +304,6 @@ def test_summary_by_family_counts_targets_met() -> None:
 
 
 def test_saved_results_read_back_and_re_render(bench_rows: list[BenchRow], tmp_path, capsys) -> None:
-    import argparse
-
     paths = write_bench_outputs(bench_rows, tmp_path / "run", {"threads": 1, "rounds": 3})
     rows, meta = read_bench_json(paths["json"])
     assert meta["threads"] == 1 and [r.model for r in rows] == [TINY, BROKEN]
@@ -334,8 +312,7 @@ def test_saved_results_read_back_and_re_render(bench_rows: list[BenchRow], tmp_p
         assert (got.target, got.error, got.int8_mb, got.input_size) == (want.target, want.error, want.int8_mb, (32, 32))
     assert bench_markdown(rows, meta) == bench_markdown(bench_rows, meta)
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = _parser()
     readme = tmp_path / "README.md"
     readme.write_text("<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
     later = BenchRow(TINY, latency={"fp32": Latency(8.0, 8.0, 8.0, 3), "int8": Latency(2.0, 2.0, 2.0, 3)})
@@ -367,8 +344,6 @@ def test_busy_machine_is_flagged() -> None:
 def test_budget_cuts_rounds_of_slow_runners_only() -> None:
     import time
 
-    from qz_core.bench import compare_latency
-
     def slow() -> None:
         time.sleep(0.02)
 
@@ -390,19 +365,13 @@ def test_rows_are_handed_over_as_they_come(tmp_path) -> None:
 
 
 def test_support_results_merge_from_saved_files(tmp_path) -> None:
-    import argparse
-
-    from qz_core.report import read_support_json, write_support_outputs
-    from qz_core.support import SupportResult
-
     first = [SupportResult("a", "classification", ptq=True), SupportResult("b", "detection", errors={"qat": "x"})]
     fixed = [SupportResult("b", "detection", ptq=True, qat=True, float_islands=1)]
     one = write_support_outputs(first, tmp_path / "one")["json"]
     two = write_support_outputs(fixed, tmp_path / "two")["json"]
     rows, _ = read_support_json(one)
     assert rows == first
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = _parser()
     readme = tmp_path / "README.md"
     readme.write_text("<!-- support-table:start -->\n<!-- support-table:end -->\n")
     args = parser.parse_args(["support", "--from", str(one), str(two), "--out", str(tmp_path / "m")])

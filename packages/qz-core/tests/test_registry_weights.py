@@ -106,7 +106,6 @@ def test_checkpoint_layouts(tmp_path):
 
 
 def test_missing_weights_file_and_bad_name():
-    import torchvision.models._api
     from torchvision.models import ResNet18_Weights
 
     with pytest.raises(QzError, match=r"Weights file 'nope/model\.pth' does not exist"):

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from qz_core.errors import invalid_choice
+from qz_core.files import atomic_path
 
 # onnxruntime.quantization.quantize_static settings, by runner key: (activation, weight, per_channel, format).
 # S8S8 is quantize_static's defaults; U8S8 per-channel is ORT's advice for x86 (reduce_range off: VNNI
@@ -162,15 +163,16 @@ def ort_quantize(
     graph_input = onnx.load(os.fspath(fp32_path), load_external_data=False).graph.input[0]
     batch_dim = graph_input.type.tensor_type.shape.dim[0]
     reader = _CalibrationReader(graph_input.name, batch_dim.dim_value or None, batches)
-    quantize_static(
-        os.fspath(fp32_path),
-        os.fspath(out_path),
-        reader,
-        quant_format=getattr(QuantFormat, quant_format),
-        per_channel=per_channel,
-        activation_type=getattr(QuantType, activation),
-        weight_type=getattr(QuantType, weight),
-    )
+    with atomic_path(out_path) as tmp:
+        quantize_static(
+            os.fspath(fp32_path),
+            os.fspath(tmp),
+            reader,
+            quant_format=getattr(QuantFormat, quant_format),
+            per_channel=per_channel,
+            activation_type=getattr(QuantType, activation),
+            weight_type=getattr(QuantType, weight),
+        )
     return Path(out_path)
 
 
@@ -182,7 +184,8 @@ def ort_own_runners(
 
     def pre_process() -> Path:  # shape inference + optimization before quantizing, as ORT advises
         out = fp32_path.with_name(f"{name}_ort_pre.onnx")
-        quant_pre_process(os.fspath(fp32_path), os.fspath(out))
+        with atomic_path(out) as tmp:
+            quant_pre_process(os.fspath(fp32_path), os.fspath(tmp))
         return out
 
     source = note("ort_pre_process", pre_process) or fp32_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qz_core.support import DEFAULT_ENGINES, SupportResult
+from qz_core.tools.support import DEFAULT_ENGINES, SupportResult
 
 
 def assert_support_contract(

@@ -1,0 +1,355 @@
+"""The benchmark run: every selected model quantized and timed, in one process.
+
+``run_benchmark`` builds each model (random weights settled by its task, or given weights),
+PTQ-calibrates and converts it, exports the task's export module in FP32 and INT8 to ONNX, then
+times FP32 eager, INT8 eager, FP32 and INT8 in onnxruntime (and torchvision's own INT8 model where
+one of the same name exists) interleaved, round by round, so machine drift hits all alike. With
+``ort_quantize`` it also quantizes the FP32 ONNX file with onnxruntime's own ``quantize_static``
+(``ORT_OWN``) and times those files in the same rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qz_core.backend import resolve_backend, set_backend
+from qz_core.errors import QzError, invalid_choice
+from qz_core.files import write_atomic
+from qz_core.measure import compare_latency, eager_op_profile, model_size_mb, timing_setup
+from qz_core.partial import count_float_islands
+from qz_core.registry import get_model_builder, get_model_spec, get_task
+from qz_core.tools.bench.results import NO_TORCHVISION_MODEL, BenchRow
+from qz_core.tools.common import describe_error
+from qz_core.tools.ort_tools import describe_profile, ort_op_profile, ort_own_runners, ort_runner, ort_session
+from qz_core.workflow import calibrate, convert
+
+TORCHVISION_PREFIX = "quantized_"  # torchvision registers its quantizable builders as quantized_<name>
+
+
+def reset_peak_rss() -> bool:
+    """Returns freed heap to the OS, then resets the process's peak resident memory (Linux).
+
+    Without the trim, memory the allocator kept from an earlier model would count in the next
+    model's peak. False where the OS cannot reset the peak.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (since the last ``reset_peak_rss`` on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def torchvision_quantizable() -> list[str]:
+    """Names of the models torchvision has its own quantizable builder of (``resnet18``, ...)."""
+    from torchvision.models import list_models
+    from torchvision.models import quantization as tvq
+
+    return [name.removeprefix(TORCHVISION_PREFIX) for name in list_models(module=tvq)]
+
+
+def torchvision_int8(
+    name: str, state_dict: dict[str, Tensor], batches: Sequence[Tensor], backend: str, **kwargs: Any
+) -> nn.Module:
+    """torchvision's own quantizable ``name`` with the same float weights, calibrated and converted.
+
+    It gets qz's qconfig for ``backend`` and the same calibration batches, so a latency
+    difference comes from the model's structure, not from the quantization scheme.
+
+    Raises:
+        QzError: torchvision has no quantizable model of that name.
+    """
+    import torch.ao.quantization as tq
+    from torchvision.models import get_model_builder as torchvision_builder
+
+    from qz_core.qconfig import make_qconfig
+
+    if name not in torchvision_quantizable():
+        raise invalid_choice("torchvision quantizable model", name, torchvision_quantizable())
+    model = torchvision_builder(TORCHVISION_PREFIX + name)(weights=None, quantize=False, **kwargs)
+    model.load_state_dict(state_dict)  # same torchvision keys: strict
+    model.eval()
+    model.fuse_model(is_qat=False)
+    set_backend(backend)
+    model.qconfig = make_qconfig(backend)
+    tq.prepare(model, inplace=True)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    tq.convert(model, inplace=True)
+    return model
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """``run_benchmark``'s options, as each model's run sees them."""
+
+    batch_size: int
+    threads: int
+    rounds: int
+    warmup: int
+    weights: str | None
+    ort: bool
+    ort_quantize: bool
+    compare_torchvision: bool
+    calib_batches: int
+    input_size: tuple[int, int] | None
+    build_kwargs: dict[str, Any]
+    budget_s: float | None
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+@dataclass
+class _Run:
+    """One model's run: its inputs, its models and what gets timed."""
+
+    name: str
+    row: BenchRow
+    settings: _Settings
+    work: Path
+    x: Any = None
+    batches: list[Any] = field(default_factory=list)
+    float_model: nn.Module | None = None
+    runners: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+    def note(self, key: str, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn``; a failure becomes the row's note under ``key`` and returns None."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a failed step is a result, reported in the row
+            self.row.notes[key] = describe_error(exc)
+            return None
+
+    @property
+    def calibration(self) -> list[Any]:
+        return self.batches[: self.settings.calib_batches]
+
+
+def _float_model(run: _Run, builder: Callable[..., nn.Module], settle: Callable[..., None]) -> Path:
+    """Builds the float model, times it as "fp32", and saves its weights for the INT8 build."""
+    s = run.settings
+    model = builder(weights=s.weights, **s.build_kwargs).eval()
+    if s.weights is None:
+        settle(model, run.batches)
+    model.eval()
+    run.row.fp32_mb = model_size_mb(model)
+    checkpoint = run.work / f"{run.name}_fp32.pth"
+    state_dict = {k: v.clone() for k, v in model.state_dict().items()}
+    write_atomic(checkpoint, lambda file: torch.save(state_dict, file))
+    run.runners["fp32"] = lambda: model(run.x)
+    run.float_model = model
+    return checkpoint
+
+
+def _int8_model(run: _Run, builder: Callable[..., nn.Module], checkpoint: Path) -> nn.Module | None:
+    """PTQ from the saved float weights; a failure is the row's error (FP32 is still timed)."""
+    try:
+        model = builder(weights=str(checkpoint), quantize=True, backend=run.row.backend, **run.settings.build_kwargs)
+        calibrate(model, run.calibration, progress=False, inputs=_identity)
+        int8 = convert(model)
+        with torch.no_grad():
+            int8(run.x)
+    except Exception as exc:  # noqa: BLE001 - reported as the row's error
+        run.row.error = f"INT8: {describe_error(exc)}"
+        return None
+    run.row.int8_mb = model_size_mb(int8)
+    run.row.float_islands = count_float_islands(int8)
+    run.runners["int8"] = lambda: int8(run.x)
+    return int8
+
+
+def _ort_runners(run: _Run, export_module: Callable[[nn.Module], nn.Module], int8: nn.Module | None) -> None:
+    """Exports the FP32 and INT8 export modules to ONNX and adds their onnxruntime sessions (and ORT's own INT8)."""
+    from qz_core.onnx_export import export_onnx
+
+    threads = run.settings.threads
+    run.row.ort_partial = export_module(run.float_model) is not run.float_model
+    for key, model in (("ort_fp32", run.float_model), ("ort_int8", int8)):
+        if model is None:
+            continue
+        path = run.work / f"{run.name}_{key}.onnx"
+        report = run.note(key, lambda m=model, p=path: export_onnx(export_module(m), p, run.x, check=False))
+        session = None if report is None else run.note(key, lambda p=path: ort_session(p, threads))
+        if session is not None:
+            run.runners[key] = ort_runner(session, run.x)
+            setattr(run.row, f"{key.removeprefix('ort_')}_onnx_mb", report.size_mb)
+    fp32_path = run.work / f"{run.name}_ort_fp32.onnx"
+    if run.settings.ort_quantize and fp32_path.is_file():
+        run.runners |= ort_own_runners(run.name, fp32_path, run.calibration, run.x, threads, run.note)
+
+
+def _torchvision_runner(run: _Run) -> None:
+    """torchvision's own INT8 model of the same name and weights, where torchvision has one."""
+    if run.name not in torchvision_quantizable():
+        run.row.notes["tv_int8"] = NO_TORCHVISION_MODEL
+        return
+    state_dict = run.float_model.state_dict()
+    tv = run.note("tv_int8", lambda: torchvision_int8(run.name, state_dict, run.calibration, run.row.backend))
+    if tv is not None:
+        run.runners["tv_int8"] = lambda: tv(run.x)
+
+
+def _profile_miss(run: _Run, int8: nn.Module | None) -> None:
+    """Says where the INT8 time goes, in both INT8 engines, for a model that misses its target."""
+    if int8 is not None:
+        shares = run.note("profile", lambda: eager_op_profile(int8, run.x))
+        if shares:
+            run.row.hotspots["INT8 eager"] = describe_profile(shares)
+    if "ort_int8" in run.runners:
+        path = run.work / f"{run.name}_ort_int8.onnx"
+        shares = run.note("profile", lambda: ort_op_profile(path, run.x, threads=run.settings.threads))
+        if shares:
+            run.row.hotspots["ORT INT8"] = describe_profile(shares)
+
+
+def _bench_one(run: _Run) -> None:
+    spec = get_model_spec(run.name)
+    task = get_task(spec.task)
+    builder = get_model_builder(run.name)
+    shaped = spec.variant(input_size=run.row.input_size)
+    run.batches = [task.example_input(shaped, 2) for _ in range(max(run.settings.calib_batches, 1))]
+    run.x = task.example_input(shaped, run.row.batch_size)
+    checkpoint = _float_model(run, builder, task.settle_random_weights)
+    int8 = _int8_model(run, builder, checkpoint)
+    if run.settings.ort:
+        _ort_runners(run, task.export_module, int8)
+    if run.settings.compare_torchvision:
+        _torchvision_runner(run)
+    s = run.settings
+    set_backend(run.row.backend)
+    timed = compare_latency(run.runners, warmup=s.warmup, rounds=s.rounds, threads=s.threads, budget_s=s.budget_s)
+    run.row.latency.update(timed)
+    if run.row.meets_target is False:
+        _profile_miss(run, int8)
+
+
+def _check(batch_size: int, threads: int, rounds: int, ort: bool, ort_quantize: bool) -> None:
+    for label, value in (("batch_size", batch_size), ("threads", threads), ("rounds", rounds)):
+        if value < 1:
+            raise QzError(f"{label} must be at least 1; got {value}.")
+    if ort_quantize and not ort:
+        raise QzError("ort_quantize needs ort=True: onnxruntime's own quantization starts from the FP32 ONNX file.")
+
+
+def _measure(name: str, settings: _Settings, backend: str) -> BenchRow:
+    """One model's row; a failure is the row's error."""
+    start = time.perf_counter()
+    row = BenchRow(name, backend=backend, batch_size=settings.batch_size)
+    if reset_peak_rss():
+        row.start_rss_mb = peak_rss_mb()  # right after a reset the peak is the current size
+    try:
+        spec = get_model_spec(name)
+        row.task, row.family, row.target = spec.task, spec.family, float(spec.deployed_ratio_target)
+        row.input_size = tuple(settings.input_size or spec.input_size)
+        with tempfile.TemporaryDirectory(prefix="qz-bench-") as work, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _bench_one(_Run(name, row, settings, Path(work)))
+    except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the sweep
+        row.error = (f"{row.error}; " if row.error else "") + describe_error(exc)
+    row.peak_rss_mb = peak_rss_mb()
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def run_benchmark(
+    names: Iterable[str],
+    *,
+    batch_size: int = 1,
+    threads: int = 1,
+    rounds: int = 20,
+    warmup: int = 3,
+    weights: str | None = None,
+    backend: str | None = None,
+    ort: bool = True,
+    ort_quantize: bool = False,
+    compare_torchvision: bool = False,
+    calib_batches: int = 4,
+    input_size: tuple[int, int] | None = None,
+    build_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    budget_s: float | None = None,
+    on_row: Callable[[list[BenchRow]], Any] | None = None,
+) -> list[BenchRow]:
+    """Quantizes and times each model; a model that fails is a row with its error, and the run goes on.
+
+    Args:
+        names: registered model names.
+        batch_size: images per timed call.
+        threads: intra-op threads of PyTorch and onnxruntime alike.
+        rounds: timed interleaved rounds (each runs every runner once).
+        warmup: untimed calls of each runner first.
+        weights: weights name or checkpoint path for every model; random weights (settled by the
+            model's task: BatchNorm statistics re-estimated on random inputs) when None.
+        backend: quantized engine; the platform's when None.
+        ort: also time the FP32 and INT8 export modules as ONNX in onnxruntime.
+        ort_quantize: also quantize the FP32 ONNX file with onnxruntime's own ``quantize_static``
+            (``ORT_OWN``: its S8S8 defaults, U8S8 per-channel QDQ and QOperator) on the same
+            calibration batches, and time those files too (needs ``ort``).
+        compare_torchvision: also time torchvision's own INT8 model of the same name where one exists.
+        calib_batches: random calibration batches (of 2 inputs).
+        input_size: (height, width) instead of each model's standard input size.
+        build_kwargs: extra builder keywords for every model (e.g. ``num_classes``).
+        progress: show a progress bar.
+        budget_s: timing seconds per model; slow models get fewer rounds (at least 5).
+        on_row: called with the rows so far after each model (to save results as they come).
+
+    Raises:
+        QzError: a count below 1, or ``ort_quantize`` without ``ort``.
+    """
+    _check(batch_size, threads, rounds, ort, ort_quantize)
+    backend = resolve_backend(backend)
+    timing_setup(threads)
+    settings = _Settings(
+        batch_size,
+        threads,
+        rounds,
+        warmup,
+        weights,
+        ort,
+        ort_quantize,
+        compare_torchvision,
+        calib_batches,
+        input_size,
+        dict(build_kwargs or {}),
+        budget_s,
+    )
+    rows: list[BenchRow] = []
+    bar = tqdm(list(names), desc="bench", unit="model", disable=not progress)
+    for name in bar:
+        bar.set_postfix(model=name)
+        rows.append(_measure(name, settings, backend))
+        if on_row is not None:
+            on_row(rows)
+        gc.collect()
+    return rows
