@@ -11,8 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TOY_TASK, QuantizableTinyNet
-
 from qz_core import ModelSpec, QzError, define_model, get_model_spec
 from qz_core.measure import Latency, compare_latency
 from qz_core.tools.bench import (
@@ -35,6 +33,8 @@ from qz_core.tools.support import (
     support_markdown,
     write_support_outputs,
 )
+
+from conftest import TOY_TASK, QuantizableTinyNet
 
 TINY = "qz_test_bench_tinynet"
 BROKEN = "qz_test_bench_broken"
@@ -382,3 +382,12 @@ def test_support_results_merge_from_saved_files(tmp_path) -> None:
     assert "| b | PTQ, QAT |" in readme.read_text()
     with pytest.raises(QzError, match="is not a qz support result"):
         read_support_json(tmp_path / "one" / "support.md")
+
+
+def test_torchvision_comparison_is_by_name_from_torchvision_itself() -> None:
+    from qz_core.tools.bench import torchvision_quantizable
+
+    names = torchvision_quantizable()
+    assert {"resnet18", "mobilenet_v3_large", "shufflenet_v2_x1_0"} <= set(names) and "resnet" not in names
+    (row,) = run_benchmark([TINY], rounds=1, warmup=0, ort=False, compare_torchvision=True, progress=False)
+    assert row.notes["tv_int8"] == "torchvision has no quantizable model of this name" and "tv_int8" not in row.latency

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import QuantizableTinyNet, ToyClassificationTask
 from torch import Tensor, nn
 
 from qz_core import ModelSpec, QzError, define_model, get_model_spec, register_task
@@ -15,6 +14,8 @@ from qz_core.registry import get_task
 from qz_core.tools.bench import run_benchmark
 from qz_core.tools.support import float_difference, probe_model
 from qz_core.tools.testing import assert_support_contract
+
+from conftest import QuantizableTinyNet, ToyClassificationTask
 
 DENSE = "qz_test_dense_tinynet"
 

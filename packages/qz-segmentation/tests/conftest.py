@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from qz_core.support import SupportResult, float_difference, probe_model
-from qz_core.testing import assert_support_contract
+from qz_core.tools.support import SupportResult, float_difference, probe_model
+from qz_core.tools.testing import assert_support_contract
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -11,9 +12,10 @@ from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.transforms.functional import to_tensor
 
-from qz_core import QzError, build_quantizable, calibrate, convert, list_models, register_model, save_quantized
-from qz_core.cli import main
+from qz_core import ModelSpec, QzError, calibrate, convert, define_model, save_quantized
+from qz_core.registry import unregister_model
 from qz_segmentation.evaluate import ConfusionMatrix, evaluate_segmenter
+from qz_segmentation.task import TASK
 
 STUB = "qz_test_color_segmenter"
 BLOCK = 4  # each fixture cell is a BLOCK x BLOCK square of pixels
@@ -48,20 +50,22 @@ class ColorSegmenter(nn.Module):
         """Nothing to fuse."""
 
 
-if STUB not in list_models(STUB):
-
-    @register_model(STUB, task="segmentation", default_transforms=lambda: to_tensor)
-    def _color_segmenter(*, weights=None, progress=True, quantize=False, is_qat=False, skip_fuse=False, **kwargs):
-        return build_quantizable(
-            ColorSegmenter,
-            weights=weights,
-            weights_enum=None,
-            progress=progress,
-            quantize=quantize,
-            is_qat=is_qat,
-            skip_fuse=skip_fuse,
-            **kwargs,
+@pytest.fixture(scope="module", autouse=True)
+def color_segmenter():
+    builder = define_model(
+        ModelSpec(
+            name=STUB, task="segmentation", family="test", make_model=ColorSegmenter, preprocess=lambda: to_tensor
         )
+    )
+    yield builder
+    unregister_model(STUB)
+
+
+def _eval_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    TASK.add_eval_command(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 def _cells_to_image(cells: list[list[int]], mode: str) -> Image.Image:
@@ -125,17 +129,14 @@ def test_fp32_and_int8_scores_on_known_fixture(tmp_path):
     assert f"{MIOU:.2f}" in table and f"{PIXEL_ACC:.2f}" in table and "INT8 PTQ x86" in table
 
 
-def test_int8_file_and_cli_json(tmp_path, capsys):
+def test_int8_file_and_cli_json(tmp_path, capsys, color_segmenter):
     _voc_fixture(tmp_path / "parent" / "VOCdevkit" / "VOC2012")
-    prepared = build_quantizable(
-        ColorSegmenter, weights=None, weights_enum=None, progress=False, quantize=True, is_qat=False, skip_fuse=False
-    )
-    prepared.qz_recipe["name"] = STUB
+    prepared = color_segmenter(quantize=True, backend="x86")
     calibrate(prepared, [torch.rand(1, 3, 8, 8)], progress=False)
     save_quantized(convert(prepared), tmp_path / "int8.pt")
     out = tmp_path / "result.json"
-    code = main(
-        ["eval", "segmentation", "--int8", str(tmp_path / "int8.pt"), "--data", str(tmp_path / "parent"),
+    code = _eval_command(
+        ["--int8", str(tmp_path / "int8.pt"), "--data", str(tmp_path / "parent"),
          "--workers", "0", "--no-progress", "--json", str(out)]
     )  # fmt: skip
     assert code == 0
@@ -145,7 +146,7 @@ def test_int8_file_and_cli_json(tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
-def test_bad_folders_and_splits_are_clear_errors(tmp_path, capsys):
+def test_bad_folders_and_splits_are_clear_errors(tmp_path):
     with pytest.raises(QzError, match="does not exist"):
         evaluate_segmenter(STUB, data=tmp_path / "nowhere", progress=False)
     (tmp_path / "empty").mkdir()
@@ -159,8 +160,8 @@ def test_bad_folders_and_splits_are_clear_errors(tmp_path, capsys):
         evaluate_segmenter(STUB, data=root, progress=False)
     with pytest.raises(QzError, match="segmentation model; 'resnet18' is a classification model"):
         evaluate_segmenter("resnet18", data=root, progress=False)
-    assert main(["eval", "segmentation", "--model", STUB, "--data", str(root), "--split", "test"]) == 2
-    assert "Invalid split 'test'" in capsys.readouterr().err
+    with pytest.raises(QzError, match="Invalid split 'test'"):
+        _eval_command(["--model", STUB, "--data", str(root), "--split", "test", "--workers", "0"])
 
 
 def test_held_out_calibration_with_a_real_segmenter(tmp_path):

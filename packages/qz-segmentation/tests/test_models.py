@@ -8,7 +8,7 @@ from torch.ao.nn import intrinsic as nni
 from torch.ao.nn import quantized as nnq
 
 import qz_core
-from qz_core import QzError, calibrate, convert
+from qz_core import BuildContext, QzError, calibrate, convert, resolve_weights
 from qz_segmentation import SegmentationLoss
 from qz_segmentation.models import (
     QuantizableASPP,
@@ -93,13 +93,27 @@ def test_wrong_checkpoint_names_the_keys(tmp_path):
 def test_bad_configurations_raise():
     with pytest.raises(QzError, match="no auxiliary classifier"):
         lraspp_mobilenet_v3_large(aux_loss=True)
-    # Enum weights hold the aux head (as torchvision builds them): refusing it fails before any download.
-    with pytest.raises(QzError, match="aux_loss must be True"):
-        fcn_resnet50(weights="DEFAULT", aux_loss=False)
     with pytest.raises(QzError, match="num_classes must be a positive integer"):
         deeplabv3_mobilenet_v3_large(num_classes=0)
     with pytest.raises(QzError, match="Invalid weights 'COCO'"):
         fcn_resnet50(weights="COCO")
+
+
+def test_aux_loss_and_backbone_weights_hook():
+    """Enum weights hold the aux head (as torchvision builds them); full weights need no backbone weights."""
+    spec = qz_core.get_model_spec("fcn_resnet50")
+    enum = BuildContext(resolve_weights("DEFAULT", spec.weights_enum), progress=False, quantize=False, is_qat=False)
+    with pytest.raises(QzError, match=r"COCO_WITH_VOC_LABELS_V1 hold an aux classifier: aux_loss must be True"):
+        spec.adjust_kwargs(enum, {"aux_loss": False})
+    kwargs = {"weights_backbone": "DEFAULT"}
+    spec.adjust_kwargs(enum, kwargs)
+    assert kwargs == {"weights_backbone": None, "aux_loss": True}
+    none = BuildContext(None, progress=False, quantize=False, is_qat=False)
+    kwargs = {"weights_backbone": None}
+    spec.adjust_kwargs(none, kwargs)
+    assert kwargs == {"weights_backbone": None}
+    # An INT8 file holds every weight: the recipe leaves the backbone weights out.
+    assert lraspp_mobilenet_v3_large(weights_backbone=None, num_classes=3).qz_recipe.model_kwargs == {"num_classes": 3}
 
 
 def test_fusion_covers_backbone_and_heads():

@@ -1,4 +1,4 @@
-"""The segmentation package registers its six models with qz-core through the qz.models entry point."""
+"""The segmentation package registers its task and six models with qz-core through entry points."""
 
 from importlib.metadata import entry_points
 
@@ -7,7 +7,7 @@ from torchvision.transforms._presets import SemanticSegmentation
 
 import qz_core
 import qz_segmentation
-from qz_segmentation import SegmentationLoss
+from qz_segmentation.task import TASK
 
 EXPECTED = {
     "fcn_resnet50": ("fcn", tvseg.FCN_ResNet50_Weights),
@@ -19,27 +19,26 @@ EXPECTED = {
 }
 
 
-def test_entry_point_registers_package_with_core():
+def test_entry_points_register_package_with_core():
     assert qz_segmentation.__version__ == "0.1.0"
-    values = {ep.value for ep in entry_points(group="qz.models")}
-    assert "qz_segmentation.models" in values
+    assert "qz_segmentation.models" in {ep.value for ep in entry_points(group="qz.models")}
+    assert "qz_segmentation.task:TASK" in {ep.value for ep in entry_points(group="qz.tasks")}
+    assert qz_core.get_task("segmentation") is TASK and TASK.metric == "mIoU"
     # Loading every plugin works, and the classification backbones come along as a dependency.
     assert "resnet50" in qz_core.list_models(task="classification")
-    assert all(qz_core.get_model_entry(n).task == "segmentation" for n in qz_core.list_models(task="segmentation"))
+    assert all(qz_core.get_model_task(n) is TASK for n in qz_core.list_models(task="segmentation"))
 
 
-def test_every_segmenter_is_registered_with_its_metadata():
+def test_every_segmenter_is_registered_with_its_spec():
     # Test stubs (qz_test_*) may be registered beside them.
     assert set(qz_core.list_models(task="segmentation", exclude="qz_test_*")) == set(EXPECTED)
     for name, (family, weights) in EXPECTED.items():
-        entry = qz_core.get_model_entry(name)
-        assert entry.weights is weights
-        assert entry.meta["family"] == family
-        assert entry.input_size == (520, 520)
-        assert entry.meta["deployed_ratio_target"] == 0.4
-        assert entry.meta["qat_loss"] is SegmentationLoss
-        transform = entry.meta["default_transforms"]()
+        spec = qz_core.get_model_spec(name)
+        assert spec.weights_enum is weights and spec.family == family
+        assert spec.input_size == (520, 520) and spec.deployed_ratio_target == 0.4
+        assert spec.transient_kwargs == ("weights_backbone",)
+        # Without enum weights qz uses the task's default: torchvision's own preset, as the weights bring.
+        transform = qz_core.get_model_transforms(name)
         assert isinstance(transform, SemanticSegmentation) and transform.resize_size == [520]
-        # Without enum weights qz falls back to the family default: torchvision's own preset.
-        assert qz_core.get_model_transforms(name).resize_size == [520]
-        assert getattr(qz_segmentation, name) is entry.builder
+        assert repr(transform) == repr(weights.DEFAULT.transforms())
+        assert getattr(qz_segmentation, name) is qz_core.get_model_builder(name)

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from qz_core import QzError, calibrate, convert, get_model_transforms, set_backend
+from qz_core import QzError, calibrate, convert, get_model_builder, get_model_transforms, recipe_of, set_backend
 from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
-from qz_segmentation._registry import IGNORE_INDEX
+from qz_segmentation.losses import IGNORE_INDEX
 from qz_segmentation.voc import VOCSegmentationFolder
 
 
@@ -198,14 +198,15 @@ def evaluate_segmenter(
         QzError: bad names, folders, splits, files, or masks that do not fit the model.
     """
     check_eval_options(quantize, int8, calib_batches=calib_batches, limit=limit)
-    model, entry, int8_model = resolve_eval_model(model, int8, "segmentation", "evaluate_segmenter()")
+    model, _, int8_model = resolve_eval_model(model, int8, "segmentation", "evaluate_segmenter()")
+    builder = get_model_builder(model)
 
     transform = get_model_transforms(model, weights)
     model_kwargs = {k: v for k, v in (("num_classes", num_classes), ("aux_loss", aux_loss)) if v is not None}
     dataset = VOCSegmentationFolder(data, split, transform)
     float_model = None
     if int8_model is None or weights is not None:
-        float_model = entry.builder(weights=weights, **model_kwargs).eval()
+        float_model = builder(weights=weights, **model_kwargs).eval()
     classes = _output_classes(float_model if float_model is not None else int8_model, dataset[0][0])
 
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -234,7 +235,7 @@ def evaluate_segmenter(
         result.fp32 = _timed_scores(float_model, loader, classes, "FP32", progress)
     if quantize:
         options = {"backend": backend, "activation_observer": activation_observer}
-        prepared = entry.builder(weights=weights, quantize=True, **options, **model_kwargs)
+        prepared = builder(weights=weights, quantize=True, **options, **model_kwargs)
         calib_loader = DataLoader(
             calib_data, batch_size=1, num_workers=workers, shuffle=True, generator=torch.Generator().manual_seed(seed)
         )
@@ -245,6 +246,6 @@ def evaluate_segmenter(
     elif int8_model is not None:
         result.int8_source = os.fspath(int8)
     if int8_model is not None:
-        result.backend = set_backend(int8_model.qz_recipe["options"]["backend"])
+        result.backend = set_backend(recipe_of(int8_model).options.backend)
         result.int8 = _timed_scores(int8_model, loader, classes, "INT8", progress)
     return result

@@ -1,4 +1,4 @@
-"""What every quantizable segmenter shares: backbones from qz-classification, stubs, upsampling, fusion."""
+"""What every quantizable segmenter shares: spec fields and hooks, backbones, stubs, upsampling, fusion."""
 
 from __future__ import annotations
 
@@ -14,12 +14,51 @@ from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
 from qz_classification.models.mobilenetv3 import QuantizableMobileNetV3, mobilenet_v3_large
 from qz_classification.models.resnet import QuantizableResNet, resnet50, resnet101
-from qz_core import QzError, fuse_modules, sequential_fusion_groups
+from qz_core import BuildContext, QzError, fuse_modules, sequential_fusion_groups
 from qz_core.builder import WeightsArg
 from qz_core.fusion import check_fuse_level
 
 FuseFn = Callable[[nn.Module, bool, str], None]
 _RESNETS = {"resnet50": resnet50, "resnet101": resnet101}
+
+TASK = "segmentation"
+# torchvision's evaluation size for its segmentation weights (``SemanticSegmentation(resize_size=520)``
+# resizes the shorter side to 520); a square 520x520 input stands for it in benchmarks.
+INPUT_SIZE = (520, 520)
+# Deployed INT8/FP32 latency ratio every segmenter must reach in ``qz bench`` (the whole model).
+DEPLOYED_RATIO_TARGET = 0.4
+# Built at build time only: an INT8 file holds every weight, so its rebuild needs no backbone weights.
+TRANSIENT_KWARGS = ("weights_backbone",)
+
+
+def check_num_classes(num_classes: int) -> int:
+    """Returns ``num_classes`` if it is a positive integer, else raises."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise QzError(f"num_classes must be a positive integer; got {num_classes!r}.")
+    return num_classes
+
+
+def _no_backbone_weights_with_weights(context: BuildContext, kwargs: dict[str, Any]) -> None:
+    if context.source is not None:
+        kwargs["weights_backbone"] = None  # the full checkpoint overwrites the backbone anyway
+
+
+def with_aux_head(context: BuildContext, kwargs: dict[str, Any]) -> None:
+    """``adjust_kwargs`` of FCN and DeepLabV3: enum weights hold the aux head and turn ``aux_loss`` on.
+
+    As torchvision does; a checkpoint file's aux head is checked by ``match_checkpoint`` instead.
+    """
+    source = context.source
+    if source is not None and source.enum_member is not None and kwargs.setdefault("aux_loss", True) is not True:
+        raise QzError(f"Weights {source.label} hold an aux classifier: aux_loss must be True.")
+    _no_backbone_weights_with_weights(context, kwargs)
+
+
+def without_aux_head(context: BuildContext, kwargs: dict[str, Any]) -> None:
+    """``adjust_kwargs`` of LRASPP, which has no auxiliary classifier."""
+    if kwargs.pop("aux_loss", None):
+        raise QzError("LRASPP has no auxiliary classifier: aux_loss must be False or left out.")
+    _no_backbone_weights_with_weights(context, kwargs)
 
 
 class QuantizableIntermediateLayerGetter(IntermediateLayerGetter):

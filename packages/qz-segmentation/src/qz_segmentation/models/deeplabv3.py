@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from functools import partial
 
 import torch
 from torch.ao.nn.quantized import FloatFunctional
@@ -17,13 +17,19 @@ from torchvision.models.segmentation.deeplabv3 import (
 )
 from torchvision.models.segmentation.fcn import FCNHead
 
+from qz_core import ModelSpec, define_model
 from qz_core.builder import WeightsArg
-from qz_segmentation._registry import check_num_classes, define_segmenter
 from qz_segmentation.models._base import (
+    DEPLOYED_RATIO_TARGET,
+    INPUT_SIZE,
+    TASK,
+    TRANSIENT_KWARGS,
     QuantizableSegmentationModel,
+    check_num_classes,
     mobilenet_v3_features,
     mobilenet_v3_getter,
     resnet_backbone,
+    with_aux_head,
 )
 
 __all__ = [
@@ -83,16 +89,33 @@ def _deeplabv3_mobilenetv3(
     return QuantizableDeepLabV3(mobilenet_v3_getter(features, return_layers), classifier, aux_classifier)
 
 
-def _make_resnet(arch: str) -> Any:
-    return lambda **kwargs: _deeplabv3_resnet(arch, **kwargs)
-
-
-deeplabv3_resnet50 = define_segmenter(
-    "deeplabv3_resnet50", DeepLabV3_ResNet50_Weights, "deeplabv3", _make_resnet("resnet50")
+_DEEPLABV3 = ModelSpec(
+    name="deeplabv3_resnet50",
+    task=TASK,
+    family="deeplabv3",
+    make_model=partial(_deeplabv3_resnet, "resnet50"),
+    weights_enum=DeepLabV3_ResNet50_Weights,
+    input_size=INPUT_SIZE,
+    adjust_kwargs=with_aux_head,
+    transient_kwargs=TRANSIENT_KWARGS,
+    deployed_ratio_target=DEPLOYED_RATIO_TARGET,
+    description="DeepLabV3, dilated ResNet-50 backbone",
 )
-deeplabv3_resnet101 = define_segmenter(
-    "deeplabv3_resnet101", DeepLabV3_ResNet101_Weights, "deeplabv3", _make_resnet("resnet101")
+
+deeplabv3_resnet50 = define_model(_DEEPLABV3)
+deeplabv3_resnet101 = define_model(
+    _DEEPLABV3.variant(
+        name="deeplabv3_resnet101",
+        make_model=partial(_deeplabv3_resnet, "resnet101"),
+        weights_enum=DeepLabV3_ResNet101_Weights,
+        description="DeepLabV3, dilated ResNet-101 backbone",
+    )
 )
-deeplabv3_mobilenet_v3_large = define_segmenter(
-    "deeplabv3_mobilenet_v3_large", DeepLabV3_MobileNet_V3_Large_Weights, "deeplabv3", _deeplabv3_mobilenetv3
+deeplabv3_mobilenet_v3_large = define_model(
+    _DEEPLABV3.variant(
+        name="deeplabv3_mobilenet_v3_large",
+        make_model=_deeplabv3_mobilenetv3,
+        weights_enum=DeepLabV3_MobileNet_V3_Large_Weights,
+        description="DeepLabV3, dilated MobileNetV3-Large backbone",
+    )
 )

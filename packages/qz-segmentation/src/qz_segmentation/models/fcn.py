@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 from torchvision.models.segmentation.fcn import FCN, FCN_ResNet50_Weights, FCN_ResNet101_Weights, FCNHead
 
+from qz_core import ModelSpec, define_model
 from qz_core.builder import WeightsArg
-from qz_segmentation._registry import check_num_classes, define_segmenter
-from qz_segmentation.models._base import QuantizableSegmentationModel, resnet_backbone
+from qz_segmentation.models._base import (
+    DEPLOYED_RATIO_TARGET,
+    INPUT_SIZE,
+    TASK,
+    TRANSIENT_KWARGS,
+    QuantizableSegmentationModel,
+    check_num_classes,
+    resnet_backbone,
+    with_aux_head,
+)
 
 __all__ = ["QuantizableFCN", "fcn_resnet50", "fcn_resnet101"]
 
@@ -30,9 +39,25 @@ def _fcn_resnet(
     return QuantizableFCN(backbone, classifier, FCNHead(1024, num_classes) if aux_loss else None)
 
 
-def _make(arch: str) -> Any:
-    return lambda **kwargs: _fcn_resnet(arch, **kwargs)
+_FCN = ModelSpec(
+    name="fcn_resnet50",
+    task=TASK,
+    family="fcn",
+    make_model=partial(_fcn_resnet, "resnet50"),
+    weights_enum=FCN_ResNet50_Weights,
+    input_size=INPUT_SIZE,
+    adjust_kwargs=with_aux_head,
+    transient_kwargs=TRANSIENT_KWARGS,
+    deployed_ratio_target=DEPLOYED_RATIO_TARGET,
+    description="FCN, dilated ResNet-50 backbone",
+)
 
-
-fcn_resnet50 = define_segmenter("fcn_resnet50", FCN_ResNet50_Weights, "fcn", _make("resnet50"))
-fcn_resnet101 = define_segmenter("fcn_resnet101", FCN_ResNet101_Weights, "fcn", _make("resnet101"))
+fcn_resnet50 = define_model(_FCN)
+fcn_resnet101 = define_model(
+    _FCN.variant(
+        name="fcn_resnet101",
+        make_model=partial(_fcn_resnet, "resnet101"),
+        weights_enum=FCN_ResNet101_Weights,
+        description="FCN, dilated ResNet-101 backbone",
+    )
+)

@@ -10,14 +10,20 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torch.nn import functional as F
 from torchvision.models.segmentation.lraspp import LRASPP, LRASPP_MobileNet_V3_Large_Weights, LRASPPHead
 
+from qz_core import ModelSpec, define_model
 from qz_core.builder import WeightsArg
 from qz_core.fusion import check_fuse_level
-from qz_segmentation._registry import check_num_classes, define_segmenter
 from qz_segmentation.models._base import (
+    DEPLOYED_RATIO_TARGET,
+    INPUT_SIZE,
+    TASK,
+    TRANSIENT_KWARGS,
+    check_num_classes,
     fuse_heads,
     mobilenet_v3_features,
     mobilenet_v3_getter,
     upsample_logits,
+    without_aux_head,
 )
 
 __all__ = ["QuantizableLRASPP", "QuantizableLRASPPHead", "lraspp_mobilenet_v3_large"]
@@ -76,6 +82,17 @@ def _lraspp_mobilenetv3(num_classes: int = 21, weights_backbone: WeightsArg = No
     )
 
 
-lraspp_mobilenet_v3_large = define_segmenter(
-    "lraspp_mobilenet_v3_large", LRASPP_MobileNet_V3_Large_Weights, "lraspp", _lraspp_mobilenetv3, has_aux=False
+lraspp_mobilenet_v3_large = define_model(
+    ModelSpec(
+        name="lraspp_mobilenet_v3_large",
+        task=TASK,
+        family="lraspp",
+        make_model=_lraspp_mobilenetv3,
+        weights_enum=LRASPP_MobileNet_V3_Large_Weights,
+        input_size=INPUT_SIZE,
+        adjust_kwargs=without_aux_head,
+        transient_kwargs=TRANSIENT_KWARGS,
+        deployed_ratio_target=DEPLOYED_RATIO_TARGET,
+        description="Lite R-ASPP, dilated MobileNetV3-Large backbone",
+    )
 )

@@ -1,0 +1,81 @@
+"""``qz demo segmentation``: FP32 vs INT8 PTQ vs INT8 QAT LRASPP on canvases of real handwritten digits.
+
+scikit-learn's 8x8 digits are upsampled onto 128x128 photo crops (``qz_classification.digits_canvas``);
+each digit's stroke pixels are its class (``digit + 1``, background 0: 11 classes). The model trains
+from scratch in FP32, then ``qz_core.job.quantize_model`` makes the INT8 models by PTQ and by QAT,
+and the table compares mIoU (all 11 classes), size and batch-1 latency on held-out digit images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qz_classification.digits_canvas import (
+    NUM_DIGITS,
+    CanvasDemo,
+    DemoResult,
+    add_canvas_demo_arguments,
+    run_canvas_demo,
+)
+from qz_core import ModelSpec, Task
+from qz_core.task import Transform
+
+__all__ = ["DEMO", "DemoResult", "add_demo_arguments", "mean_iou", "run_demo"]
+
+
+def mean_iou(model: nn.Module, task: Task, spec: ModelSpec, folder: Path, transform: Transform) -> float:
+    """Mean IoU in [0, 1] over the background and the ten digit classes of ``folder``'s image/mask pairs."""
+    from qz_segmentation.evaluate import confusion_matrix
+
+    data = DataLoader(task.training_data(spec, folder, transform), batch_size=16, collate_fn=task.collate)
+    return confusion_matrix(model, data, NUM_DIGITS + 1, progress=False).scores()["miou"] / 100
+
+
+DEMO = CanvasDemo(
+    task="segmentation",
+    model="lraspp_mobilenet_v3_large",
+    metric="mIoU",
+    num_classes=NUM_DIGITS + 1,
+    evaluate=mean_iou,
+    epochs=6,
+    qat_epochs=1,
+    lr=3e-3,
+    qat_lr=1e-3,
+    batch_size=8,
+    num_train=480,
+)
+
+
+def run_demo(
+    *,
+    epochs: int = DEMO.epochs,
+    qat_epochs: int = DEMO.qat_epochs,
+    image_size: int = DEMO.image_size,
+    num_train: int = DEMO.num_train,
+    out_dir: str | os.PathLike | None = None,
+    backend: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> DemoResult:
+    """Trains LRASPP on digit canvases, quantizes it by PTQ and QAT, prints the table, draws predictions."""
+    return run_canvas_demo(
+        DEMO,
+        epochs=epochs,
+        qat_epochs=qat_epochs,
+        image_size=image_size,
+        num_train=num_train,
+        out_dir=out_dir,
+        backend=backend,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options and ``func`` of ``qz demo segmentation``."""
+    add_canvas_demo_arguments(parser, DEMO, run_demo)

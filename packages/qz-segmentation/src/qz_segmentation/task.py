@@ -1,0 +1,261 @@
+"""The ``segmentation`` task: how core reads, batches, trains, exports, predicts, draws and scores segmenters."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from qz_core import ModelSpec, QzError, Task
+from qz_core.task import Transform
+from qz_segmentation.data import (
+    PAIR_IMAGES,
+    ImageList,
+    image_files,
+    image_mask_folder,
+    is_pair_folder,
+    pad_collate,
+)
+from qz_segmentation.losses import SegmentationLoss
+from qz_segmentation.voc import IMAGES, VOCSegmentationFolder, voc_root
+
+# The VOC split QAT trains on in a VOC layout.
+TRAIN_SPLIT = "train"
+ALPHA = 0.5
+
+
+def _voc_color(index: int) -> tuple[int, int, int]:
+    """Pascal VOC's colour of class ``index`` (its palette PNGs use the same)."""
+    rgb = [0, 0, 0]
+    for bit in range(8):
+        for channel in range(3):
+            rgb[channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    return rgb[0], rgb[1], rgb[2]
+
+
+PALETTE = [_voc_color(k) for k in range(256)]
+
+
+class SegmentationLogits(nn.Module):
+    """A segmenter that returns only its ``out`` logits tensor: the deployable output, without the aux head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        output = self.model(x)
+        return output["out"] if isinstance(output, Mapping) else output
+
+
+def _check_folder(folder: Path, purpose: str) -> Path:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise QzError(f"The {purpose} folder {str(root)!r} does not exist (or is not a folder).")
+    return root
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, size: tuple[int, int], entries: list[tuple[str, Any]], px: int) -> None:
+    """Colour swatches and class names in rows at the bottom of a ``size`` picture, on a white band."""
+    width, height = size
+    font, pad = _font(px), px // 2
+    rows: list[list[tuple[int, str, Any]]] = [[]]
+    x = pad
+    for label, color in entries:
+        item_width = px + pad + int(font.getlength(label)) + 2 * pad
+        if rows[-1] and x + item_width > width:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, label, color))
+        x += item_width
+    top = height - len(rows) * (px + pad) - pad
+    draw.rectangle((0, top, width, height), fill=(255, 255, 255, 200))
+    for r, row in enumerate(rows):
+        y = top + pad + r * (px + pad)
+        for x, label, color in row:
+            draw.rectangle((x, y, x + px, y + px), fill=color, outline="black")
+            draw.text((x + px + pad, y), label, fill="black", font=font)
+
+
+class SegmentationTask(Task):
+    """Semantic segmentation: per-pixel classes of FCN, DeepLabV3 and LRASPP, scored by mIoU."""
+
+    name = "segmentation"
+    metric = "mIoU"
+    calibration_layouts = (
+        "an image folder (subfolders read, hidden ones skipped), the JPEGImages/ of a Pascal VOC folder, "
+        "or the images/ of an image/mask folder pair"
+    )
+    training_layouts = (
+        f"a Pascal VOC folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/{TRAIN_SPLIT}.txt) "
+        "or an image/mask folder pair (images/x.jpg with masks/x.png, same stem; 255 = ignore)"
+    )
+
+    def default_transform(self, spec: ModelSpec) -> Transform:
+        """torchvision's segmentation preset: shorter side resized to the spec's size, ImageNet normalization."""
+        from torchvision.transforms._presets import SemanticSegmentation
+
+        return SemanticSegmentation(resize_size=min(spec.input_size))
+
+    def calibration_data(self, spec: ModelSpec, folder: Path, transform: Transform) -> Dataset:
+        """The images of ``folder`` (see ``calibration_layouts``) through ``transform``; sizes may differ."""
+        root = _check_folder(folder, "calibration")
+        voc = voc_root(root)
+        if voc is not None:
+            files = image_files(voc / IMAGES)
+        elif is_pair_folder(root):
+            files = image_files(root / PAIR_IMAGES)
+        else:
+            files = image_files(root, recursive=True)
+        if not files:
+            raise QzError(f"The calibration folder {str(root)!r} holds no images; expected {self.calibration_layouts}.")
+        return ImageList(files, transform)
+
+    def training_data(self, spec: ModelSpec, folder: Path, transform: Transform) -> Dataset:
+        """(image, mask) pairs of ``folder`` (see ``training_layouts``), transformed jointly."""
+        root = _check_folder(folder, "training")
+        voc = voc_root(root)
+        if voc is not None:
+            return VOCSegmentationFolder(voc, TRAIN_SPLIT, transform)
+        if is_pair_folder(root):
+            return image_mask_folder(root, transform)
+        raise QzError(f"The training folder {str(root)!r} is neither layout QAT reads: {self.training_layouts}.")
+
+    def collate(self, samples: Sequence[Any]) -> Any:
+        """Pads images (and masks) to the largest of the batch: images with 0, masks with 255 (ignored).
+
+        The transform at ``spec.input_size`` (``SemanticSegmentation``) resizes the shorter side and keeps
+        the aspect ratio, so images of other shapes differ in size. Padding, as torchvision's segmentation
+        reference does, keeps every image at the scale and shape the model sees at evaluation; resizing
+        to one size would stretch objects. Zero is the mean colour after normalization, and padded mask
+        pixels do not count in the loss.
+        """
+        return pad_collate(samples)
+
+    def training_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """``SegmentationLoss`` (``out`` plus 0.5 x ``aux``, 255 ignored) of one (images, masks) batch."""
+        images, masks = batch
+        return SegmentationLoss()(model(images), masks)
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """``model`` returning its ``out`` logits tensor (the aux head is for training only)."""
+        return SegmentationLogits(model)
+
+    def example_training_batch(self, spec: ModelSpec, batch_size: int = 2) -> tuple[Tensor, Tensor]:
+        """Random images and masks of classes 0 and 1, a quarter of the pixels ignored (255)."""
+        height, width = spec.input_size
+        masks = torch.randint(0, 2, (batch_size, height, width))
+        masks[torch.rand(batch_size, height, width) < 0.25] = 255
+        return torch.rand(batch_size, 3, height, width), masks
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, images: Sequence[Image.Image], transform: Transform) -> list[Tensor]:
+        """Per image an ``(H, W)`` int64 map of class indices at the image's own size."""
+        from qz_segmentation.evaluate import logits_of
+
+        model.eval()
+        predictions = []
+        for image in images:
+            logits = logits_of(model(transform(image.convert("RGB")).unsqueeze(0)))
+            logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
+            predictions.append(logits.argmax(1)[0])
+        return predictions
+
+    def draw(self, image: Image.Image, prediction: Any, class_names: Sequence[str] | None, title: str) -> Image.Image:
+        """``image`` at its own size with the classes painted over it, a title and a legend.
+
+        Class 0 (the background of VOC-style labels) is left clear; the title sits on a band at the top,
+        the legend of the classes found on a band at the bottom.
+        """
+        from torchvision.transforms.functional import pil_to_tensor
+        from torchvision.utils import draw_segmentation_masks
+
+        mask = torch.as_tensor(prediction)
+        if tuple(mask.shape) != (image.height, image.width):
+            raise QzError(f"A {tuple(mask.shape)} mask does not fit a {image.width}x{image.height} image.")
+        present = [int(k) for k in mask.unique() if 0 < int(k) < len(PALETTE)]
+        picture = pil_to_tensor(image.convert("RGB"))
+        if present:
+            masks = torch.stack([mask == k for k in present])
+            colors = [PALETTE[k] for k in present]
+            picture = draw_segmentation_masks(picture, masks, alpha=ALPHA, colors=colors)
+        names = list(class_names or [])
+        labels = [(f"{k} {names[k]}" if k < len(names) else str(k), PALETTE[k]) for k in present]
+        px = max(10, min(image.width, image.height) // 30)
+        canvas = Image.fromarray(picture.permute(1, 2, 0).numpy()).convert("RGBA")
+        overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(overlay)
+        font = _font(px)
+        draw.rectangle((0, 0, image.width, 2 * px), fill=(255, 255, 255, 200))
+        draw.text((px // 2, px // 2), title, fill="black", font=font)
+        _draw_legend(draw, canvas.size, labels or [("no class found", "white")], px)
+        return Image.alpha_composite(canvas, overlay).convert("RGB")
+
+    def add_eval_command(self, parser: argparse.ArgumentParser) -> None:
+        """``qz eval segmentation``: mIoU and pixel accuracy, FP32 beside INT8, on a VOC-layout folder."""
+        from qz_core.cli.evaluation import add_eval_arguments
+
+        parser.description = (
+            "Mean IoU and pixel accuracy on a Pascal VOC-layout folder (JPEGImages/, SegmentationClass/ "
+            "PNG masks with 255 = ignore, ImageSets/Segmentation/<split>.txt), FP32 and INT8 side by side."
+        )
+        add_eval_arguments(
+            parser,
+            task=self.name,
+            weights_help="weights name (DEFAULT, ...) or float checkpoint",
+            data_help="VOC folder (or a parent holding VOC2012/ or VOCdevkit/VOC2012/)",
+        )
+        parser.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt to evaluate")
+        parser.add_argument("--calib-split", default=None, help="split that calibrates PTQ (default: held-out images)")
+        parser.add_argument("--aux-loss", action="store_true", help="the checkpoint holds an aux classifier")
+        parser.set_defaults(func=_cmd_eval)
+
+    def add_demo_command(self, parser: argparse.ArgumentParser) -> bool:
+        """``qz demo --task segmentation`` (False where ``qz_segmentation.demo`` is absent)."""
+        try:
+            from qz_segmentation.demo import add_demo_arguments
+        except ImportError:
+            return False
+        add_demo_arguments(parser)
+        return True
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from qz_core.cli.evaluation import report_eval
+    from qz_segmentation.evaluate import evaluate_segmenter
+
+    result = evaluate_segmenter(
+        args.model,
+        data=args.data,
+        split=args.split,
+        weights=args.weights,
+        quantize=args.quantize,
+        int8=args.int8,
+        calib_split=args.calib_split,
+        calib_batches=args.calib_batches,
+        backend=args.backend,
+        activation_observer=args.activation_observer,
+        limit=args.limit,
+        num_classes=args.num_classes,
+        aux_loss=True if args.aux_loss else None,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    return report_eval(result, args.json)
+
+
+TASK = SegmentationTask()
