@@ -83,7 +83,8 @@ def test_quantize_predict_export_on_real_photos(case, photos, tmp_path):
     assert "Traceback" not in result.stderr
     int8 = qz_core.load_quantized(out)
     assert qz_core.is_quantized(int8) and qz_core.recipe_of(int8).name == model
-    assert out.stat().st_size < 0.4 * weights.stat().st_size
+    fp32_mb = qz_core.model_size_mb(qz_core.get_model(model, weights=str(weights)))
+    assert out.stat().st_size / 2**20 < 0.4 * fp32_mb  # (ultralytics stores half-precision checkpoints)
 
     pictures = tmp_path / "predictions"
     result = _qz("predict", model, str(photos), "--weights", str(weights), "--int8", str(out), "--out", str(pictures))

@@ -11,8 +11,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import qz_core
-from qz_core.support import SupportResult, probe_model
-from qz_core.testing import assert_support_contract
+from qz_core.tools.support import SupportResult, probe_model
+from qz_core.tools.testing import assert_support_contract
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -91,7 +91,7 @@ def assert_fully_supported(
     """
     build_kwargs = {**(SMALL if small else {}), "activation_observer": "minmax", **build_kwargs}
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
-    # Through the core's probe_model, as `qz support` runs it: the registration hands it to probe_detector.
+    # Through the core's probe_model, as `qz support` runs it: the detection task's hooks do the rest.
     result = probe_model(name, example_input=x, work_dir=tmp_path, build_kwargs=build_kwargs)
     assert 0 < result.int8_max_diff < 0.5 * result.output_range, result
     return assert_support_contract(result, slack=slack, float_islands=None)

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models.detection import SSDLite320_MobileNet_V3_Large_Weights
 
-from qz_core import QzError, build_quantizable, calibrate, convert, list_models, register_model, save_quantized
-from qz_core.cli import main
+import qz_core
+from qz_core import ModelSpec, QzError, calibrate, convert, define_model, save_quantized
 from qz_detection.coco import CategoryMap
 from qz_detection.evaluate import evaluate_detector, letterbox, unletterbox
 
@@ -87,26 +87,10 @@ class BoxDetector(nn.Module):
         """Nothing to fuse."""
 
 
-def _stub_builder(torchvision: bool):
-    def builder(*, weights=None, progress=True, quantize=False, is_qat=False, skip_fuse=False, **kwargs):
-        return build_quantizable(
-            BoxDetector,
-            weights=weights,
-            weights_enum=None,
-            progress=progress,
-            quantize=quantize,
-            is_qat=is_qat,
-            skip_fuse=skip_fuse,
-            torchvision=torchvision,
-            **kwargs,
-        )
-
-    return builder
-
-
-if TV_STUB not in list_models(TV_STUB):
-    register_model(TV_STUB, task="detection", family="qz_test")(_stub_builder(True))
-    register_model(YOLO_STUB, task="detection", family="yolo", input_size=(64, 64))(_stub_builder(False))
+if not qz_core.list_models(TV_STUB):
+    _STUB = ModelSpec(name=TV_STUB, task="detection", family="qz_test", make_model=BoxDetector)
+    define_model(_STUB)
+    define_model(_STUB.variant(name=YOLO_STUB, family="yolo", input_size=(64, 64), fixed_kwargs={"torchvision": False}))
 
 
 def _coco_fixture(root, objects=OBJECTS, split="val2017", calib=("e",)):
@@ -218,10 +202,9 @@ def test_label_maps_through_the_evaluation(coco):
 
 
 def test_int8_file_and_cli_json(coco, tmp_path, capsys):
-    prepared = build_quantizable(
-        BoxDetector, weights=None, weights_enum=None, progress=False, quantize=True, is_qat=False, skip_fuse=False
-    )
-    prepared.qz_recipe["name"] = TV_STUB
+    from qz_core.cli import main
+
+    prepared = qz_core.get_model(TV_STUB, quantize=True)
     calibrate(prepared, [torch.rand(1, 3, 8, 8)], progress=False)
     save_quantized(convert(prepared), tmp_path / "int8.pt")
     out = tmp_path / "result.json"
@@ -261,6 +244,8 @@ def test_bad_folders_files_and_models_are_clear_errors(coco, tmp_path, capsys):
         evaluate_detector("resnet18", data=coco, progress=False)
     with pytest.raises(QzError, match=r"Invalid model name 'yolov5q'\. Did you mean .*'yolov5n'"):
         evaluate_detector("yolov5q", data=coco, progress=False)
+    from qz_core.cli import main
+
     assert main(["eval", "detection", "--model", TV_STUB, "--data", str(coco), "--split", "test2017"]) == 2
     assert "Invalid split 'test2017'" in capsys.readouterr().err
 

@@ -14,14 +14,15 @@ from conftest import SMALL, assert_fully_supported, assert_matches_torchvision
 ALL = ["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"]
 
 
-def test_registered_with_detection_metadata():
+def test_registered_with_detection_specs():
     for name in ALL:
-        entry = qz_core.get_model_entry(name)
-        assert entry.task == "detection"
-        assert entry.meta["deployed_ratio_target"] == 0.4
-        assert entry.meta["family"] in ("retinanet", "fcos")
-        assert entry.input_size == (800, 800)
-        assert entry.weights.DEFAULT.transforms().__class__.__name__ == "ObjectDetection"
+        spec = qz_core.get_model_spec(name)
+        assert spec.task == "detection"
+        assert spec.deployed_ratio_target == 0.4
+        assert spec.family in ("retinanet", "fcos")
+        assert spec.input_size == (800, 800)
+        assert "weights" in spec.transient_kwargs and "progress" in spec.transient_kwargs
+        assert spec.weights_enum.DEFAULT.transforms().__class__.__name__ == "ObjectDetection"
         assert type(qz_core.get_model_transforms(name)).__name__ == "ObjectDetection"
 
 

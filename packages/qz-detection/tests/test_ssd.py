@@ -20,9 +20,9 @@ def test_ssdlite_matches_torchvision(tmp_path):
 
 
 def test_registered_sizes():
-    assert qz_core.get_model_entry("ssd300_vgg16").input_size == (300, 300)
-    assert qz_core.get_model_entry("ssdlite320_mobilenet_v3_large").input_size == (320, 320)
-    assert qz_core.get_model_entry("ssdlite320_mobilenet_v3_large").meta["family"] == "ssdlite"
+    assert qz_core.get_model_spec("ssd300_vgg16").input_size == (300, 300)
+    assert qz_core.get_model_spec("ssdlite320_mobilenet_v3_large").input_size == (320, 320)
+    assert qz_core.get_model_spec("ssdlite320_mobilenet_v3_large").family == "ssdlite"
 
 
 def test_ssd300_int8_keeps_only_l2norm_float():

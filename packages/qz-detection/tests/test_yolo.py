@@ -6,27 +6,27 @@ The default run uses yolov5n at 128-160 px; every registered variant runs under 
 from __future__ import annotations
 
 import copy
-import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.io import read_image
 
-from pathlib import Path  # noqa: E402
+import qz_core
+from qz_core import QzError, calibrate, convert, count_float_islands, estimate_bn_stats
+from qz_core.tools.support import float_difference, probe_model
+from qz_core.tools.testing import assert_support_contract
+from qz_detection._ultralytics import import_ultralytics
+from qz_detection.models import yolo
+from qz_detection.models.yolo import QuantizableYOLO, yolo_detection_loss
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import ultralytics  # noqa: E402
-from torch import nn  # noqa: E402
-from torchvision.io import read_image  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
-from ultralytics.utils.nms import non_max_suppression  # noqa: E402
-
-import qz_core  # noqa: E402
-from qz_core import QzError, calibrate, convert, count_float_islands  # noqa: E402
-from qz_core.support import estimate_bn_stats, float_difference, probe_model  # noqa: E402
-from qz_core.testing import assert_support_contract  # noqa: E402
-from qz_detection.models import yolo  # noqa: E402
-from qz_detection.models.yolo import QuantizableYOLO, yolo_detection_loss  # noqa: E402
+ultralytics = import_ultralytics("ultralytics")
+DetectionModel = import_ultralytics("ultralytics.nn.tasks").DetectionModel
+non_max_suppression = import_ultralytics("ultralytics.utils.nms").non_max_suppression
 
 YOLO_NAMES = ["yolov3", "yolov3_spp", "yolov3_tiny", "yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"]
 ASSETS = Path(ultralytics.__file__).parent / "assets"
@@ -42,7 +42,7 @@ def _restore_engine():
 def _reference(name: str, **kwargs) -> DetectionModel:
     """ultralytics' own float model of ``name``, random weights (seeded)."""
     torch.manual_seed(0)
-    return DetectionModel(qz_core.get_model_entry(name).meta["config"], verbose=False, **kwargs).eval()
+    return DetectionModel(qz_core.get_model_spec(name).fixed_kwargs["cfg"], verbose=False, **kwargs).eval()
 
 
 def _photo(file: str, size: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def assert_fully_supported(name: str, tmp_path, input_size: int = 128, slack: fl
     INT8 output is about as close to FP32 as PyTorch's INT8 output is.
     """
     x = torch.randn(1, 3, input_size, input_size)
-    # No export=True here: the registration's probe_build_kwargs must supply it (as for `qz support`).
+    # No export=True here: the spec's probe_kwargs must supply it (as for `qz support`).
     result = probe_model(name, example_input=x, work_dir=tmp_path, build_kwargs={"activation_observer": "minmax"})
     assert_support_contract(result, slack=slack)
 
@@ -70,11 +70,13 @@ def assert_fully_supported(name: str, tmp_path, input_size: int = 128, slack: fl
 def test_variants_are_registered_as_detection_models():
     assert set(YOLO_NAMES) <= set(qz_core.list_models("yolo*", task="detection"))
     for name in YOLO_NAMES:
-        entry = qz_core.get_model_entry(name)
-        assert entry.input_size == (640, 640)
-        assert entry.weights is None
-        assert entry.meta["family"] == "yolo"
-        assert entry.meta["deployed_ratio_target"] == 0.4
+        spec = qz_core.get_model_spec(name)
+        assert spec.input_size == (640, 640)
+        assert spec.weights_enum is None
+        assert spec.family == "yolo"
+        assert spec.deployed_ratio_target == 0.4
+        assert spec.probe_kwargs == {"export": True}
+        assert type(qz_core.get_model_transforms(name)).__name__ == "LetterBox"
 
 
 def test_scale_letter_picks_width_and_depth():
@@ -108,13 +110,41 @@ def test_ultralytics_checkpoint_loads_with_its_class_count(tmp_path):
     # The layout ultralytics writes: a pickled half-precision model under "model" (and "ema").
     torch.save({"epoch": -1, "model": copy.deepcopy(reference).half(), "ema": None}, path)
     model = yolo.yolov5n(weights=str(path))
-    assert model.model[-1].nc == 3 and model.names == reference.names
-    assert model.qz_recipe["model_kwargs"]["num_classes"] == 3
+    assert model.model[-1].nc == 3 and model.class_names == ["cat", "dog", "bird"]
+    assert model.qz_recipe.model_kwargs == {"cfg": "yolov5n.yaml", "num_classes": 3}
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(model(x)[0], reference.half().float()(x)[0])
-    with pytest.raises(QzError, match="num_classes=80 does not match"):
+    with pytest.raises(QzError, match="num_classes=80 does not match weights"):
         yolo.yolov5n(weights=str(path), num_classes=80)
+    with pytest.raises(QzError, match="yolov5n has cfg='yolov5n.yaml'"):
+        yolo.yolov5n(cfg="yolov5s.yaml")
+
+
+def test_checkpoint_written_by_ultralytics_loads_with_class_names(tmp_path):
+    """``ultralytics.YOLO("yolov5nu.yaml").save`` writes the layout of yolov5nu.pt, offline."""
+    names = {i: f"class{i}" for i in range(80)} | {0: "person", 5: "bus"}
+    model = ultralytics.YOLO("yolov5nu.yaml")
+    model.model.names = names
+    path = tmp_path / "yolov5nu.pt"
+    model.save(path)
+    ours = qz_core.get_model("yolov5n", weights=path)
+    assert ours.class_names[0] == "person" and ours.class_names[5] == "bus" and len(ours.class_names) == 80
+    assert ours.qz_recipe.model_kwargs["num_classes"] == 80
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        # The file holds half-precision weights (as ultralytics ships them): the reference is rounded alike.
+        assert torch.equal(ours(x)[0], model.model.half().float().eval()(x)[0])
+
+
+def test_building_yolo_leaves_torch_save_and_image_open_alone():
+    code = (
+        "import torch, PIL.Image; save, open_ = torch.save, PIL.Image.open; import qz_core; "
+        "qz_core.get_model('yolov5n'); import ultralytics; "
+        "print(torch.save is save, PIL.Image.open is open_, 'ultralytics' in __import__('sys').modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-3:] == ["True", "True", "True"], out.stdout + out.stderr
 
 
 def test_wrong_checkpoint_raises_naming_the_keys(tmp_path):

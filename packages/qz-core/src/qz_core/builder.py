@@ -272,11 +272,11 @@ def build_model(
     source = resolve_weights(weights, spec.weights_enum)
     context = BuildContext(source, progress, quantize, is_qat)
     _apply_fixed(spec, kwargs)
+    if spec.adjust_kwargs is not None:  # before reading weights: a bad argument fails before any download
+        spec.adjust_kwargs(context, kwargs)
     loaded = spec.read_weights(context) if source is not None else None
     if loaded is not None:
         _merge_checkpoint_kwargs(spec, loaded, source.label, kwargs)
-    if spec.adjust_kwargs is not None:
-        spec.adjust_kwargs(context, kwargs)
     model = spec.make_model(**kwargs)
     if loaded is not None:
         load_state_dict_strict(model, loaded.state_dict, source.label)

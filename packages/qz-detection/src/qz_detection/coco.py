@@ -1,4 +1,7 @@
-"""COCO detection folders (images + ``instances_*.json``), label-to-category mapping, and COCOeval scores."""
+"""COCO detection folders (images + ``instances_*.json``), label-to-category mapping, and COCOeval scores.
+
+pycocotools is imported when a file is read or scored, not with this module.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +12,18 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import to_tensor
 
 from qz_core import QzError
 from qz_core.errors import invalid_choice
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 ANNOTATIONS = "annotations"
 _REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -90,6 +94,8 @@ def load_coco(path: str | os.PathLike) -> COCO:
     no_box = [a.get("id") for a in dataset["annotations"] if not isinstance(a, dict) or len(a.get("bbox", ())) != 4]
     if no_box:
         raise QzError(f"Annotations {no_box[:5]} of {str(path)!r} have no [x, y, width, height] 'bbox'.")
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -203,6 +209,8 @@ def coco_scores(coco: COCO, results: list[dict[str, Any]], image_ids: Sequence[i
         raise QzError(f"The {len(image_ids)} evaluated images hold no (non-crowd) annotated objects: nothing to score.")
     if not results:  # pycocotools cannot load an empty result list; no detections score 0
         return {"map": 0.0, "map50": 0.0, "ar100": 0.0}
+    from pycocotools.cocoeval import COCOeval
+
     with contextlib.redirect_stdout(io.StringIO()):
         evaluation = COCOeval(coco, coco.loadRes(results), "bbox")
         evaluation.params.imgIds = list(image_ids)

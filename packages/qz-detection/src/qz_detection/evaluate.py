@@ -23,13 +23,12 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.functional import to_tensor
 from tqdm.auto import tqdm
 
-from qz_core import QzError, calibrate, convert, image_dataset, set_backend
+from qz_core import ModelSpec, QzError, calibrate, convert, get_model_builder, image_dataset, recipe_of, set_backend
 from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
-from qz_core.registry import ModelEntry
 from qz_detection.coco import CategoryMap, CocoImages, coco_results, coco_scores, find_coco, load_coco
-from qz_detection.support import model_num_classes
+from qz_detection.detector import num_classes_of
+from qz_detection.transforms import LETTERBOX_FILL
 
-LETTERBOX_FILL = 114 / 255  # ultralytics' grey padding
 Detections = tuple[Tensor, Tensor, Tensor]  # boxes (N, 4) xyxy in image pixels, scores (N,), labels (N,)
 
 
@@ -75,7 +74,7 @@ class TorchvisionFormat:
         return output[0]["boxes"], output[0]["scores"], output[0]["labels"]
 
     def num_labels(self, model: nn.Module, image: Tensor) -> int:
-        return model_num_classes(model)
+        return num_classes_of(model)
 
 
 @dataclass
@@ -100,8 +99,9 @@ class YoloFormat:
         return predictions
 
     def detect(self, model: nn.Module, image: Tensor) -> Detections:
-        from ultralytics.utils.nms import non_max_suppression
+        from qz_detection._ultralytics import import_ultralytics
 
+        non_max_suppression = import_ultralytics("ultralytics.utils.nms").non_max_suppression
         _, scale, pad = letterbox(image, self.size, _stride(model))
         kept = non_max_suppression(
             self.predictions(model, image), self.conf_thres, self.iou_thres, multi_label=True, max_det=self.max_det
@@ -117,12 +117,12 @@ def _stride(model: nn.Module) -> int:
     return int(stride.max()) if isinstance(stride, Tensor) else 32
 
 
-def detection_format(entry: ModelEntry, image_size: int | None = None) -> TorchvisionFormat | YoloFormat:
+def detection_format(spec: ModelSpec, image_size: int | None = None) -> TorchvisionFormat | YoloFormat:
     """The input/output convention of a registered detector (by its family)."""
-    if entry.meta.get("family") == "yolo":
-        return YoloFormat(image_size or max(entry.input_size))
+    if spec.family == "yolo":
+        return YoloFormat(image_size or max(spec.input_size))
     if image_size is not None:
-        raise QzError(f"image_size applies to YOLO models; {entry.name!r} resizes inside (pass min_size/max_size).")
+        raise QzError(f"image_size applies to YOLO models; {spec.name!r} resizes inside (pass min_size/max_size).")
     return TorchvisionFormat()
 
 
@@ -213,8 +213,6 @@ def _timed_scores(
     return DetectionScores(**scores, detections=len(results), images=len(evaluated), seconds=seconds)
 
 
-# The next two functions are those every `qz eval TASK` shares (the classification and segmentation
-# evaluators hold the same lines inline): written to move into qz_core as they are.
 def evaluate_detector(
     model: str | None = None,
     *,
@@ -265,15 +263,16 @@ def evaluate_detector(
         QzError: bad names, folders, annotation files, missing images, or a model that is not a detector.
     """
     check_eval_options(quantize, int8, calib_batches=calib_batches, limit=limit)
-    model, entry, int8_model = resolve_eval_model(model, int8, "detection", "evaluate_detector()")
+    model, spec, int8_model = resolve_eval_model(model, int8, "detection", "evaluate_detector()")
+    builder = get_model_builder(model)
 
-    fmt = detection_format(entry, image_size)
+    fmt = detection_format(spec, image_size)
     images_dir, annotation_file = find_coco(data, split, annotations)
     dataset = CocoImages(images_dir, load_coco(annotation_file))
     kwargs = dict(model_kwargs or {}) | ({"num_classes": num_classes} if num_classes is not None else {})
     float_model = None
     if int8_model is None or weights is not None:
-        float_model = entry.builder(weights=weights, **kwargs).eval()
+        float_model = builder(weights=weights, **kwargs).eval()
     first_image = dataset[0][0]
     with torch.inference_mode():
         num_labels = fmt.num_labels((float_model or int8_model).eval(), first_image)
@@ -306,7 +305,7 @@ def evaluate_detector(
         result.fp32 = _timed_scores(float_model, evaluated, fmt, category_map, "FP32", workers, progress)
     if quantize:
         options = {"backend": backend, "activation_observer": activation_observer}
-        prepared = entry.builder(weights=weights, quantize=True, **options, **kwargs)
+        prepared = builder(weights=weights, quantize=True, **options, **kwargs)
         shuffled = torch.randperm(len(calib_data), generator=torch.Generator().manual_seed(seed)).tolist()
         batches = (fmt.inputs(calib_data[i][0], prepared) for i in shuffled[:calib_batches])
         seen = calibrate(prepared, batches, progress=progress)
@@ -316,6 +315,6 @@ def evaluate_detector(
     elif int8_model is not None:
         result.int8_source = os.fspath(int8)
     if int8_model is not None:
-        result.backend = set_backend(int8_model.qz_recipe["options"]["backend"])
+        result.backend = set_backend(recipe_of(int8_model).options.backend)
         result.int8 = _timed_scores(int8_model, evaluated, fmt, category_map, "INT8", workers, progress)
     return result

@@ -1,4 +1,4 @@
-"""What every quantizable torchvision detector shares: INT8 FPN, dense heads, frozen-BN folding, registration.
+"""What every quantizable torchvision detector shares: INT8 FPN, dense heads, frozen-BN folding, its spec.
 
 The INT8 region runs from the backbone's input (a QuantStub after GeneralizedRCNNTransform) to the
 head outputs (DeQuantStubs); anchors, box decoding, NMS and postprocessing stay float, as torchvision
@@ -8,14 +8,15 @@ computes them. Quantizable parts are torchvision's own modules whose class is sw
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.ao.nn.quantized import FloatFunctional
-from torch.ao.quantization import DeQuantStub, QuantStub
+from torch.ao.quantization import QuantStub
 from torchvision.models import WeightsEnum
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -23,13 +24,14 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from qz_classification.models.mobilenetv2 import relu6_to_relu
-from qz_core import build_quantizable, fuse_modules, register_model, sequential_fusion_groups
-from qz_core.builder import WeightsArg
+from qz_core import BuildContext, ModelSpec, QzError, estimate_bn_stats, fuse_modules, sequential_fusion_groups
 from qz_core.fusion import check_fuse_level
+from qz_detection.detector import Detection, Target, scale_boxes
 
 # Deployed INT8/FP32 latency ratio qz bench asks of a whole detector (float NMS and decoding included).
 DEPLOYED_RATIO_TARGET = 0.4
-FAMILIES = ("retinanet", "ssd", "ssdlite", "fcos", "faster_rcnn")
+# Builder arguments used to build but not stored in the recipe (weights, downloads, trainability).
+TRANSIENT_KWARGS = ("weights", "weights_backbone", "trainable_backbone_layers", "progress")
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -244,111 +246,114 @@ class QuantizableDetectorMixin:
             features = OrderedDict([("0", features)])
         return dict(self.head(list(features.values())))
 
+    def detection_inputs(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """A list of CHW images of any size (the detector normalizes and resizes inside)."""
+        return list(images)
 
-# --- Registration -------------------------------------------------------------------------------
+    def detection_loss(self, images: Tensor | list[Tensor], targets: Sequence[Target]) -> Tensor:
+        """The sum of torchvision's loss dict; labels are category ids (0 is the background)."""
+        images = list(images)
+        own = [
+            {
+                "boxes": scale_boxes(t["boxes"].float(), t["image_size"], tuple(x.shape[-2:])),
+                "labels": t["category_ids"],
+            }
+            for x, t in zip(images, targets, strict=True)
+        ]
+        return detection_loss_sum(self(images, own))
+
+    def detect(self, images: Tensor | list[Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Detection]:
+        """torchvision's detections, boxes mapped from the transformed images back to the original ones."""
+        images = list(images)
+        outputs = self(images)
+        return [
+            {
+                "boxes": scale_boxes(out["boxes"], tuple(x.shape[-2:]), size),
+                "labels": out["labels"],
+                "scores": out["scores"],
+            }
+            for x, out, size in zip(images, outputs, image_sizes, strict=True)
+        ]
+
+    def export_module(self) -> nn.Module:
+        """``DenseDetector``: images in, raw head outputs out."""
+        return DenseDetector(self)
+
+    @torch.no_grad()
+    def settle_random_weights(self, inputs: Sequence[Any]) -> None:
+        """He-init every conv (torchvision's heads start near zero), then BatchNorm statistics from ``inputs``.
+
+        With random BatchNorm statistics activations blow up; the statistics are re-estimated on the
+        images as the detector's transform normalizes and resizes them, flipped too.
+        """
+        he_reinit(self)
+        self.eval()
+        batches = []
+        for batch in inputs:
+            images = self.transform(list(batch))[0].tensors
+            batches.append(torch.cat([images, images.flip(-1)]))
+        estimate_bn_stats(self.backbone, batches)
 
 
-def register_detector(
-    name: str, weights_enum: type[WeightsEnum], family: str, input_size: tuple[int, int]
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """``register_model`` with what every torchvision detector shares.
+# --- The detector protocol and the one builder path -------------------------------------------
 
-    Detectors take targets in training and return a loss dict, so they have no ``qat_loss``: QAT runs
-    through ``qz_detection.train_qat_detection``.
+
+class DenseDetector(nn.Module):
+    """The network part of a detector for ONNX: images in, raw head outputs (a tuple of tensors) out.
+
+    Anchors, box decoding and NMS stay with the caller, in float, as in most INT8 deployments.
     """
-    return register_model(
-        name,
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.detector.head_outputs(images).values())
+
+
+@torch.no_grad()
+def he_reinit(model: nn.Module, seed: int = 0) -> None:
+    """Re-initializes every conv and linear He-style with small random biases (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(1.0 / fan_in))
+            if module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+
+
+def detection_loss_sum(losses: Any) -> Tensor:
+    """torchvision's training objective: the sum of the detector's loss dict."""
+    if not isinstance(losses, dict) or not losses:
+        raise QzError("A detector in train mode must return its loss dict: call it with (images, targets).")
+    return sum(losses.values())
+
+
+def torchvision_detector_kwargs(context: BuildContext, kwargs: dict[str, Any]) -> None:
+    """``adjust_kwargs`` of torchvision detectors: the resolved weights pick FrozenBatchNorm2d, as in torchvision.
+
+    Given full weights, ``weights_backbone`` is dropped (the full weights overwrite the backbone anyway).
+    """
+    kwargs["weights"] = context.source
+    kwargs["progress"] = context.progress
+    kwargs["weights_backbone"] = None if context.source is not None else kwargs.get("weights_backbone")
+    kwargs.setdefault("trainable_backbone_layers", None)
+
+
+def detector_spec(
+    name: str, family: str, make_model: Callable[..., nn.Module], weights_enum: type[WeightsEnum], **fields: Any
+) -> ModelSpec:
+    """The spec fields every torchvision detector shares; a family module varies it with ``variant``."""
+    return ModelSpec(
+        name=name,
         task="detection",
-        weights=weights_enum,
-        input_size=input_size,
         family=family,
+        make_model=make_model,
+        weights_enum=weights_enum,
+        adjust_kwargs=torchvision_detector_kwargs,
+        transient_kwargs=TRANSIENT_KWARGS,
         deployed_ratio_target=DEPLOYED_RATIO_TARGET,
-        default_transforms=lambda: weights_enum.DEFAULT.transforms(),
-        qat_loss=None,
-        qat_needs_targets=True,
-        probe=_probe_detector,
+        **fields,
     )
-
-
-def _probe_detector(name: str, **kwargs: Any) -> Any:
-    """``qz_detection.support.probe_detector``, the probe ``qz support`` runs on torchvision detectors."""
-    from qz_detection.support import probe_detector
-
-    return probe_detector(name, **kwargs)
-
-
-_BUILDER_DOC = """Quantizable {name} (torchvision architecture, weights ``{weights}``).
-
-Args:
-    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path with
-        torchvision's key names. Given weights build the backbone with FrozenBatchNorm2d, as torchvision.
-    progress: show a download progress bar.
-    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
-    is_qat: prepare for quantization-aware training.
-    skip_fuse: leave fusion to the caller.
-    weights_backbone: backbone weights (enum name or checkpoint) when ``weights`` is None.
-    trainable_backbone_layers: backbone stages left trainable (torchvision's default when None).
-    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``{architecture}`` arguments
-        (``num_classes``, ``min_size``, ``max_size``, ``score_thresh``, ...).
-"""
-
-
-def define_detector(
-    name: str,
-    weights_enum: type[WeightsEnum],
-    family: str,
-    input_size: tuple[int, int],
-    make_model: Callable[..., nn.Module],
-    *,
-    architecture: str,
-) -> Callable[..., nn.Module]:
-    """Defines and registers the public builder ``name``.
-
-    Args:
-        make_model: builds the float quantizable detector from ``weights`` (the resolved argument, to
-            pick FrozenBatchNorm2d), ``weights_backbone``, ``trainable_backbone_layers``, ``progress``
-            and the torchvision constructor's keyword arguments.
-    """
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        weights_backbone: WeightsArg = None,
-        trainable_backbone_layers: int | None = None,
-        **kwargs: Any,
-    ) -> nn.Module:
-        if weights is not None:
-            weights_backbone = None  # as torchvision: full weights overwrite the backbone's anyway
-
-        def make(**kw: Any) -> nn.Module:
-            return make_model(
-                weights=weights,
-                weights_backbone=weights_backbone,
-                trainable_backbone_layers=trainable_backbone_layers,
-                progress=progress,
-                **kw,
-            )
-
-        return build_quantizable(
-            make,
-            weights=weights,
-            weights_enum=weights_enum,
-            progress=progress,
-            quantize=quantize,
-            is_qat=is_qat,
-            skip_fuse=skip_fuse,
-            **kwargs,
-        )
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = _BUILDER_DOC.format(name=name, weights=weights_enum.__name__, architecture=architecture)
-    return register_detector(name, weights_enum, family, input_size)(builder)
-
-
-def dequantize_all(stub: DeQuantStub, tensors: Iterable[Tensor]) -> list[Tensor]:
-    """Runs each tensor through ``stub`` (an identity until convert)."""
-    return [stub(t) for t in tensors]

@@ -22,10 +22,10 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredict
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from qz_core import resolve_weights
+from qz_core import define_model, resolve_weights
 from qz_core.builder import WeightsArg
 from qz_detection.models._backbones import mobilenet_v3_large_fpn, resnet50_fpn
-from qz_detection.models._common import QuantizableDetectorMixin, define_detector, quant_aware_anchors, upgrade
+from qz_detection.models._common import QuantizableDetectorMixin, detector_spec, quant_aware_anchors, upgrade
 
 __all__ = [
     "QuantizableFasterRCNN",
@@ -195,43 +195,45 @@ def _mobilenet(defaults: dict[str, Any]) -> Any:
     return make
 
 
-fasterrcnn_resnet50_fpn = define_detector(
+_BASE = detector_spec(
     "fasterrcnn_resnet50_fpn",
-    tv.FasterRCNN_ResNet50_FPN_Weights,
     "faster_rcnn",
-    (800, 800),
     _resnet50_v1,
-    architecture="FasterRCNN",
+    tv.FasterRCNN_ResNet50_FPN_Weights,
+    input_size=(800, 800),
+    description="Faster R-CNN ResNet50-FPN (torchvision's architecture and weights)",
 )
-fasterrcnn_resnet50_fpn_v2 = define_detector(
-    "fasterrcnn_resnet50_fpn_v2",
-    tv.FasterRCNN_ResNet50_FPN_V2_Weights,
-    "faster_rcnn",
-    (800, 800),
-    _resnet50_v2,
-    architecture="FasterRCNN",
+fasterrcnn_resnet50_fpn = define_model(_BASE)
+fasterrcnn_resnet50_fpn_v2 = define_model(
+    _BASE.variant(
+        name="fasterrcnn_resnet50_fpn_v2",
+        make_model=_resnet50_v2,
+        weights_enum=tv.FasterRCNN_ResNet50_FPN_V2_Weights,
+        description="Faster R-CNN ResNet50-FPN v2 (torchvision's architecture and weights)",
+    )
 )
-fasterrcnn_mobilenet_v3_large_fpn = define_detector(
-    "fasterrcnn_mobilenet_v3_large_fpn",
-    tv.FasterRCNN_MobileNet_V3_Large_FPN_Weights,
-    "faster_rcnn",
-    (800, 800),
-    _mobilenet({"rpn_score_thresh": 0.05}),
-    architecture="FasterRCNN",
+fasterrcnn_mobilenet_v3_large_fpn = define_model(
+    _BASE.variant(
+        name="fasterrcnn_mobilenet_v3_large_fpn",
+        make_model=_mobilenet({"rpn_score_thresh": 0.05}),
+        weights_enum=tv.FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+        description="Faster R-CNN MobileNetV3-Large FPN (torchvision's architecture and weights)",
+    )
 )
-fasterrcnn_mobilenet_v3_large_320_fpn = define_detector(
-    "fasterrcnn_mobilenet_v3_large_320_fpn",
-    tv.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
-    "faster_rcnn",
-    (320, 320),
-    _mobilenet(
-        {
-            "min_size": 320,
-            "max_size": 640,
-            "rpn_pre_nms_top_n_test": 150,
-            "rpn_post_nms_top_n_test": 150,
-            "rpn_score_thresh": 0.05,
-        }
-    ),
-    architecture="FasterRCNN",
+fasterrcnn_mobilenet_v3_large_320_fpn = define_model(
+    _BASE.variant(
+        name="fasterrcnn_mobilenet_v3_large_320_fpn",
+        make_model=_mobilenet(
+            {
+                "min_size": 320,
+                "max_size": 640,
+                "rpn_pre_nms_top_n_test": 150,
+                "rpn_post_nms_top_n_test": 150,
+                "rpn_score_thresh": 0.05,
+            }
+        ),
+        weights_enum=tv.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+        input_size=(320, 320),
+        description="Faster R-CNN MobileNetV3-Large 320 FPN, low resolution (torchvision's architecture and weights)",
+    )
 )

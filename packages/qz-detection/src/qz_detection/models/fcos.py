@@ -11,11 +11,12 @@ from torchvision.models.detection import fcos as tv
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSRegressionHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from qz_core import define_model
 from qz_core.builder import WeightsArg
 from qz_detection.models._backbones import resnet50_fpn
 from qz_detection.models._common import (
     QuantizableDetectorMixin,
-    define_detector,
+    detector_spec,
     flatten_levels,
     quant_aware_anchors,
     upgrade,
@@ -84,6 +85,12 @@ def _fcos(
     return QuantizableFCOS(backbone, num_classes, **kwargs)
 
 
-fcos_resnet50_fpn = define_detector(
-    "fcos_resnet50_fpn", tv.FCOS_ResNet50_FPN_Weights, "fcos", (800, 800), _fcos, architecture="FCOS"
+_BASE = detector_spec(
+    "fcos_resnet50_fpn",
+    "fcos",
+    _fcos,
+    tv.FCOS_ResNet50_FPN_Weights,
+    input_size=(800, 800),
+    description="FCOS ResNet50-FPN (torchvision's architecture and weights)",
 )
+fcos_resnet50_fpn = define_model(_BASE)

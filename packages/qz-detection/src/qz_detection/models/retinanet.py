@@ -18,12 +18,12 @@ from torchvision.models.detection.retinanet import (
 )
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from qz_core import resolve_weights
+from qz_core import define_model, resolve_weights
 from qz_core.builder import WeightsArg
 from qz_detection.models._backbones import resnet50_fpn
 from qz_detection.models._common import (
     QuantizableDetectorMixin,
-    define_detector,
+    detector_spec,
     flatten_levels,
     quant_aware_anchors,
     upgrade,
@@ -134,19 +134,20 @@ def _retinanet_v2(
     return QuantizableRetinaNet(backbone, num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
 
 
-retinanet_resnet50_fpn = define_detector(
+_BASE = detector_spec(
     "retinanet_resnet50_fpn",
-    tv.RetinaNet_ResNet50_FPN_Weights,
     "retinanet",
-    (800, 800),
     _retinanet_v1,
-    architecture="RetinaNet",
+    tv.RetinaNet_ResNet50_FPN_Weights,
+    input_size=(800, 800),
+    description="RetinaNet ResNet50-FPN (torchvision's architecture and weights)",
 )
-retinanet_resnet50_fpn_v2 = define_detector(
-    "retinanet_resnet50_fpn_v2",
-    tv.RetinaNet_ResNet50_FPN_V2_Weights,
-    "retinanet",
-    (800, 800),
-    _retinanet_v2,
-    architecture="RetinaNet",
+retinanet_resnet50_fpn = define_model(_BASE)
+retinanet_resnet50_fpn_v2 = define_model(
+    _BASE.variant(
+        name="retinanet_resnet50_fpn_v2",
+        make_model=_retinanet_v2,
+        weights_enum=tv.RetinaNet_ResNet50_FPN_V2_Weights,
+        description="RetinaNet ResNet50-FPN v2 (torchvision's architecture and weights)",
+    )
 )

@@ -20,10 +20,11 @@ from torchvision.models.detection.ssd import (
 )
 
 from qz_classification.models.vgg import vgg16
+from qz_core import define_model
 from qz_core.builder import WeightsArg
 from qz_detection.models._common import (
     QuantizableDetectorMixin,
-    define_detector,
+    detector_spec,
     flatten_levels,
     quant_aware_anchors,
     upgrade,
@@ -120,6 +121,12 @@ def _ssd300_vgg16(
     return model
 
 
-ssd300_vgg16 = define_detector(
-    "ssd300_vgg16", tv.SSD300_VGG16_Weights, "ssd", (300, 300), _ssd300_vgg16, architecture="SSD"
+_BASE = detector_spec(
+    "ssd300_vgg16",
+    "ssd",
+    _ssd300_vgg16,
+    tv.SSD300_VGG16_Weights,
+    input_size=(300, 300),
+    description="SSD300 VGG16 (torchvision's architecture and weights)",
 )
+ssd300_vgg16 = define_model(_BASE)

@@ -18,8 +18,9 @@ from torchvision.models.detection.ssdlite import (
 )
 
 from qz_classification.models.mobilenetv3 import mobilenet_v3_large
+from qz_core import define_model
 from qz_core.builder import WeightsArg
-from qz_detection.models._common import define_detector, upgrade
+from qz_detection.models._common import detector_spec, upgrade
 from qz_detection.models.ssd import QuantizableSSD, _QuantizableScoring, upgrade_scoring_head
 
 __all__ = ["QuantizableSSDLiteFeatureExtractorMobileNet", "ssdlite320_mobilenet_v3_large"]
@@ -86,11 +87,12 @@ def _ssdlite(
     return model
 
 
-ssdlite320_mobilenet_v3_large = define_detector(
+_BASE = detector_spec(
     "ssdlite320_mobilenet_v3_large",
-    tv.SSDLite320_MobileNet_V3_Large_Weights,
     "ssdlite",
-    (320, 320),
     _ssdlite,
-    architecture="SSD",
+    tv.SSDLite320_MobileNet_V3_Large_Weights,
+    input_size=(320, 320),
+    description="SSDLite320 MobileNetV3-Large (torchvision's architecture and weights)",
 )
+ssdlite320_mobilenet_v3_large = define_model(_BASE)

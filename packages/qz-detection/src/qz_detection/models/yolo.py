@@ -13,6 +13,9 @@ ultralytics' v5 configs are the anchor-free "YOLOv5u" (the YOLOv8 Detect head wi
 v3 configs use that head too: these are the models ultralytics trains and ships as
 ``yolov5nu.pt``...``yolov3u.pt``, not the anchor-based originals.
 
+ultralytics is imported on the first build (``qz_detection.models.yolo_model``), not when the
+variants are registered here.
+
 Outputs follow ultralytics: in eval, ``(predictions, raw)`` with ``predictions`` of shape
 (B, 4 + num_classes, anchors) holding xywh boxes in input pixels and class probabilities, and
 ``raw = {"boxes", "scores", "feats"}``; with ``export=True`` only ``predictions``; in training
@@ -24,39 +27,15 @@ Outputs follow ultralytics: in eval, ``(predictions, raw)`` with ``predictions``
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics reaches for the network at import without it
+from torch import Tensor, nn
 
-from collections.abc import Callable, Mapping  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from qz_core import BuildContext, LoadedWeights, ModelSpec, QzError, define_model, read_checkpoint
+from qz_detection.transforms import LetterBox
 
-from torch import Tensor, nn  # noqa: E402
-from torch.ao.quantization import QuantStub  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
-
-from qz_core import (  # noqa: E402
-    QzError,
-    build_quantizable,
-    fuse_modules,
-    load_state_dict_strict,
-    read_checkpoint,
-    register_model,
-    replace_silu,
-    resolve_weights,
-)
-from qz_core.builder import WeightsArg  # noqa: E402
-from qz_core.fusion import check_fuse_level  # noqa: E402
-from qz_detection.models.yolo_blocks import (  # noqa: E402
-    QuantizableBottleneck,
-    QuantizableC3,
-    QuantizableSPP,
-    QuantizableSPPF,
-    conv_bn_groups,
-    swap_blocks,
-)
-
-__all__ = [
+__all__ = [  # noqa: F822 - QuantizableYOLO and yolo_detection_loss come from __getattr__
     "QuantizableYOLO",
     "read_yolo_checkpoint",
     "yolo_detection_loss",
@@ -71,44 +50,16 @@ __all__ = [
 ]
 
 YOLO_INPUT_SIZE = (640, 640)
-YOLO_DEPLOYED_RATIO_TARGET = 0.4
+_LAZY = ("QuantizableYOLO", "YoloPredictions", "yolo_detection_loss")
 
 
-class QuantizableYOLO(DetectionModel):
-    """ultralytics' ``DetectionModel`` with a QuantStub in front and quantizable blocks.
+def __getattr__(name: str) -> Any:
+    """The ultralytics-dependent names, imported on first use (PEP 562)."""
+    if name in _LAZY:
+        from qz_detection.models import yolo_model
 
-    Args:
-        cfg: an ultralytics model config: a name such as ``"yolov5n.yaml"`` (the scale letter picks
-            depth and width from ``yolov5.yaml``) or a config dict.
-        num_classes: number of classes of the Detect head.
-        in_channels: input image channels.
-        export: return only the decoded predictions in eval (ultralytics' ``Detect.export``).
-
-    Raises:
-        QzError: the config uses blocks qz has no quantizable version of (YOLOv8+ blocks such as C2f).
-    """
-
-    def __init__(self, cfg: str | dict, num_classes: int = 80, in_channels: int = 3, export: bool = False) -> None:
-        super().__init__(cfg, ch=in_channels, nc=num_classes, verbose=False)
-        swap_blocks(self)
-        replace_silu(self)
-        self.quant = QuantStub()
-        self.model[-1].export = export
-        self.eval()
-
-    def _predict_once(self, x: Tensor, profile: bool = False, embed: list[int] | None = None) -> Any:
-        quant = self._modules.get("quant")  # absent while ultralytics' __init__ runs its stride probe
-        return super()._predict_once(quant(x) if quant is not None else x, profile, embed)
-
-    def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
-        """Fuses conv-bn of every Conv ('all') or of those inside the residual/CSP/SPP blocks ('blocks').
-
-        SiLU does not fuse: it follows the fused conv as a quantized sigmoid and multiply.
-        """
-        if check_fuse_level(level) == "none":
-            return
-        scopes = None if level == "all" else (QuantizableBottleneck, QuantizableC3, QuantizableSPPF, QuantizableSPP)
-        fuse_modules(self, conv_bn_groups(self, scopes), is_qat)
+        return getattr(yolo_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_yolo_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -124,7 +75,7 @@ def read_yolo_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
 
     Returns:
         The float state dict, and metadata read from an ultralytics checkpoint (``num_classes``,
-        ``names``; empty for a plain state dict).
+        ``names`` as a list; empty for a plain state dict).
 
     Raises:
         QzError: the file holds neither a state dict nor a loadable ultralytics checkpoint.
@@ -136,140 +87,60 @@ def read_yolo_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
         if path.suffix != ".pt":
             raise
         error = plain_error
-    from ultralytics.nn.tasks import torch_safe_load
+    from qz_detection.models.yolo_model import read_ultralytics_checkpoint
 
     try:
-        checkpoint, _ = torch_safe_load(str(path), safe_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means 'not a checkpoint qz can read safely'
-        raise QzError(
-            f"Cannot read YOLO weights {str(path)!r}: not a state dict ({error}) and not an ultralytics "
-            f"checkpoint that loads with weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            "See qz_detection.models.yolo.read_yolo_checkpoint for converting a trusted file."
-        ) from exc
-    model = checkpoint.get("ema") or checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(model, nn.Module):
-        raise QzError(f"ultralytics checkpoint {str(path)!r} holds no model under 'ema' or 'model'.")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    meta: dict[str, Any] = {}
-    detect = model.model[-1] if hasattr(model, "model") else None
-    if detect is not None and hasattr(detect, "nc"):
-        meta["num_classes"] = int(detect.nc)
-    if isinstance(getattr(model, "names", None), Mapping):
-        meta["names"] = dict(model.names)
-    return state, meta
+        return read_ultralytics_checkpoint(path)
+    except QzError as exc:
+        raise QzError(f"{exc} (As a state dict: {error})") from exc
 
 
-def _make_yolo(cfg: str, state: Mapping[str, Tensor] | None, label: str, names: Any) -> Callable[..., nn.Module]:
-    def make_model(**kwargs: Any) -> QuantizableYOLO:
-        model = QuantizableYOLO(cfg, **kwargs)
-        if state is not None:
-            load_state_dict_strict(model, state, label)
-        if names is not None:
-            model.names = names
-        return model
-
-    return make_model
+def read_yolo_weights(context: BuildContext) -> LoadedWeights:
+    """The YOLO specs' ``read_weights`` hook: ``num_classes`` and ``class_names`` from an ultralytics checkpoint."""
+    assert context.source is not None and context.source.path is not None
+    state, meta = read_yolo_checkpoint(context.source.path)
+    kwargs = {"num_classes": meta["num_classes"]} if "num_classes" in meta else {}
+    attributes = {"class_names": meta["names"]} if "names" in meta else {}
+    return LoadedWeights(state, model_kwargs=kwargs, attributes=attributes)
 
 
-def _yolo(
-    cfg: str,
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
-) -> QuantizableYOLO:
-    source = resolve_weights(weights, None)
-    state, label, names = None, "", None
-    if source is not None:
-        state, meta = read_yolo_checkpoint(source.path)
-        label = source.label
-        names = meta.get("names")
-        if "num_classes" in meta:
-            given = kwargs.setdefault("num_classes", meta["num_classes"])
-            if given != meta["num_classes"]:
-                raise QzError(f"num_classes={given} does not match weights {label} ({meta['num_classes']} classes).")
-    return build_quantizable(
-        _make_yolo(cfg, state, label, names),
-        weights=None,
-        weights_enum=None,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
-    )
+def make_yolo(**kwargs: Any) -> nn.Module:
+    """``QuantizableYOLO(**kwargs)``, importing ultralytics on the first build."""
+    from qz_detection.models.yolo_model import QuantizableYOLO
+
+    return QuantizableYOLO(**kwargs)
 
 
-_BUILDER_DOC = """Quantizable {name} (ultralytics ``{cfg}``).
-
-Args:
-    weights: None (random weights), or a path to a state dict file or an ultralytics ``.pt``
-        checkpoint (read with weights_only=True, see ``read_yolo_checkpoint``).
-    progress: unused (YOLO weights are local files); kept for the common builder signature.
-    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
-    is_qat: prepare for quantization-aware training.
-    skip_fuse: leave fusion to the caller.
-    **kwargs: ``qz_core.QuantOptions`` fields and ``QuantizableYOLO`` arguments (``num_classes``,
-        ``in_channels``, ``export``).
-"""
+def letterbox_640() -> LetterBox:
+    """YOLO's input transform: letterboxed to 640 x 640."""
+    return LetterBox(YOLO_INPUT_SIZE[0])
 
 
-def _define(name: str, cfg: str) -> Callable[..., QuantizableYOLO]:
-    """Defines and registers the public builder ``name`` for ultralytics config ``cfg``."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableYOLO:
-        return _yolo(cfg, weights, progress, quantize, is_qat, skip_fuse, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = _BUILDER_DOC.format(name=name, cfg=cfg)
-    return register_model(
-        name,
-        task="detection",
-        weights=None,
-        input_size=YOLO_INPUT_SIZE,
-        family="yolo",
-        deployed_ratio_target=YOLO_DEPLOYED_RATIO_TARGET,
-        config=cfg,
-        probe_build_kwargs={"export": True},  # probe (and export) the deployable output: predictions only
-    )(builder)
+_BASE = ModelSpec(
+    name="yolov5n",
+    task="detection",
+    family="yolo",
+    make_model=make_yolo,
+    input_size=YOLO_INPUT_SIZE,
+    fixed_kwargs={"cfg": "yolov5n.yaml"},
+    read_weights=read_yolo_weights,
+    preprocess=letterbox_640,
+    deployed_ratio_target=0.4,
+    probe_kwargs={"export": True},  # probe (and export) the deployable output: predictions only
+    description="YOLOv5u nano (ultralytics yolov5n.yaml; weights: a state dict or an ultralytics .pt)",
+)
 
 
-yolov3 = _define("yolov3", "yolov3.yaml")
-yolov3_spp = _define("yolov3_spp", "yolov3-spp.yaml")
-yolov3_tiny = _define("yolov3_tiny", "yolov3-tiny.yaml")
+def _variant(name: str, cfg: str, description: str) -> ModelSpec:
+    return _BASE.variant(name=name, fixed_kwargs={"cfg": cfg}, description=f"{description} (ultralytics {cfg})")
+
+
+yolov3 = define_model(_variant("yolov3", "yolov3.yaml", "YOLOv3u"))
+yolov3_spp = define_model(_variant("yolov3_spp", "yolov3-spp.yaml", "YOLOv3u-SPP"))
+yolov3_tiny = define_model(_variant("yolov3_tiny", "yolov3-tiny.yaml", "YOLOv3u-tiny"))
 # The scale letter in the file name picks depth, width and max channels from yolov5.yaml's `scales`.
-yolov5n = _define("yolov5n", "yolov5n.yaml")
-yolov5s = _define("yolov5s", "yolov5s.yaml")
-yolov5m = _define("yolov5m", "yolov5m.yaml")
-yolov5l = _define("yolov5l", "yolov5l.yaml")
-yolov5x = _define("yolov5x", "yolov5x.yaml")
-
-
-def yolo_detection_loss(model: nn.Module) -> Callable[[Any, Mapping[str, Tensor]], Tensor]:
-    """ultralytics' YOLO detection loss (box IoU, class BCE, DFL) as ``loss_fn(outputs, targets)``.
-
-    It fits ``qz_core.train_qat`` with batches of ``(images, targets)``, where ``targets`` is
-    ultralytics' label dict: ``batch_idx`` (N,), ``cls`` (N, 1) and ``bboxes`` (N, 4) as normalized
-    xywh. ``model`` gets ultralytics' default hyperparameters as ``model.args`` if it has none.
-    """
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils.loss import v8DetectionLoss
-
-    if not hasattr(model, "args"):
-        model.args = get_cfg()
-    criterion = v8DetectionLoss(model)
-
-    def loss_fn(outputs: Any, targets: Mapping[str, Tensor]) -> Tensor:
-        return criterion(outputs, dict(targets))[0].sum()
-
-    return loss_fn
+yolov5n = define_model(_BASE)
+yolov5s = define_model(_variant("yolov5s", "yolov5s.yaml", "YOLOv5u small"))
+yolov5m = define_model(_variant("yolov5m", "yolov5m.yaml", "YOLOv5u medium"))
+yolov5l = define_model(_variant("yolov5l", "yolov5l.yaml", "YOLOv5u large"))
+yolov5x = define_model(_variant("yolov5x", "yolov5x.yaml", "YOLOv5u extra large"))

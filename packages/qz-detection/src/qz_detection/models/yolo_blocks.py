@@ -2,8 +2,9 @@
 
 Each class subclasses the ultralytics block and only routes its tensor arithmetic through
 ``FloatFunctional`` (residual adds, channel concats), so its parameters and state-dict keys are
-the ultralytics ones. ``swap_blocks`` turns a built ultralytics model into the quantizable one in
-place by changing each block's class: the weights stay where they are.
+the ultralytics ones (imported through ``qz_detection._ultralytics``). ``swap_blocks`` turns a
+built ultralytics model into the quantizable one in place by changing each block's class: the
+weights stay where they are.
 
 Unprepared, every block computes exactly what the ultralytics block computes: ``FloatFunctional``
 calls the same ``torch.add``/``torch.cat`` and ``DeQuantStub`` is the identity.
@@ -11,17 +12,23 @@ calls the same ``torch.add``/``torch.cat`` and ``DeQuantStub`` is the identity.
 
 from __future__ import annotations
 
-import os
+from torch import Tensor, nn
+from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization import DeQuantStub, QuantStub
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics reaches for the network at import without it
+from qz_core import QzError
+from qz_core.modules import QuantizableSiLU
+from qz_detection._ultralytics import import_ultralytics
 
-from torch import Tensor, nn  # noqa: E402
-from torch.ao.nn.quantized import FloatFunctional  # noqa: E402
-from torch.ao.quantization import DeQuantStub, QuantStub  # noqa: E402
-from ultralytics.nn.modules import C3, DFL, SPP, SPPF, Bottleneck, Concat, Conv, Detect, DWConv  # noqa: E402
-
-from qz_core import QzError  # noqa: E402
-from qz_core.modules import QuantizableSiLU  # noqa: E402
+_modules = import_ultralytics("ultralytics.nn.modules")
+C3, DFL, SPP, SPPF = _modules.C3, _modules.DFL, _modules.SPP, _modules.SPPF
+Bottleneck, Concat, Conv, Detect, DWConv = (
+    _modules.Bottleneck,
+    _modules.Concat,
+    _modules.Conv,
+    _modules.Detect,
+    _modules.DWConv,
+)
 
 __all__ = [
     "QuantizableBottleneck",

@@ -1,0 +1,190 @@
+"""``QuantizableYOLO``: ultralytics' ``DetectionModel`` made quantizable (imported on first build, not at registration).
+
+This module imports ultralytics (through ``qz_detection._ultralytics``, which undoes its global
+patches); ``qz_detection.models.yolo`` registers the variants without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.ao.quantization import QuantStub
+
+from qz_core import QzError, estimate_bn_stats, fuse_modules, replace_silu
+from qz_core.fusion import check_fuse_level
+from qz_detection._ultralytics import import_ultralytics
+from qz_detection.detector import Detection, Target
+from qz_detection.models.yolo_blocks import (
+    QuantizableBottleneck,
+    QuantizableC3,
+    QuantizableSPP,
+    QuantizableSPPF,
+    conv_bn_groups,
+    swap_blocks,
+)
+from qz_detection.transforms import boxes_from_letterbox, boxes_to_letterbox
+
+__all__ = ["QuantizableYOLO", "YoloPredictions", "read_ultralytics_checkpoint", "yolo_detection_loss"]
+
+DetectionModel = import_ultralytics("ultralytics.nn.tasks").DetectionModel
+
+
+class YoloPredictions(nn.Module):
+    """A YOLO's deployable output: the decoded predictions (B, 4 + classes, anchors) only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class QuantizableYOLO(DetectionModel):
+    """ultralytics' ``DetectionModel`` with a QuantStub in front and quantizable blocks.
+
+    Args:
+        cfg: an ultralytics model config: a name such as ``"yolov5n.yaml"`` (the scale letter picks
+            depth and width from ``yolov5.yaml``) or a config dict.
+        num_classes: number of classes of the Detect head.
+        in_channels: input image channels.
+        export: return only the decoded predictions in eval (ultralytics' ``Detect.export``).
+
+    Attributes:
+        conf_thres, iou_thres, max_det: ``detect``'s NMS settings (ultralytics' predict defaults).
+
+    Raises:
+        QzError: the config uses blocks qz has no quantizable version of (YOLOv8+ blocks such as C2f).
+    """
+
+    conf_thres = 0.25
+    iou_thres = 0.45
+    max_det = 300
+
+    def __init__(self, cfg: str | dict, num_classes: int = 80, in_channels: int = 3, export: bool = False) -> None:
+        super().__init__(cfg, ch=in_channels, nc=num_classes, verbose=False)
+        swap_blocks(self)
+        replace_silu(self)
+        self.quant = QuantStub()
+        self.model[-1].export = export
+        self.eval()
+
+    def _predict_once(self, x: Tensor, profile: bool = False, embed: list[int] | None = None) -> Any:
+        quant = self._modules.get("quant")  # absent while ultralytics' __init__ runs its stride probe
+        return super()._predict_once(quant(x) if quant is not None else x, profile, embed)
+
+    def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
+        """Fuses conv-bn of every Conv ('all') or of those inside the residual/CSP/SPP blocks ('blocks').
+
+        SiLU does not fuse: it follows the fused conv as a quantized sigmoid and multiply.
+        """
+        if check_fuse_level(level) == "none":
+            return
+        scopes = None if level == "all" else (QuantizableBottleneck, QuantizableC3, QuantizableSPPF, QuantizableSPP)
+        fuse_modules(self, conv_bn_groups(self, scopes), is_qat)
+
+    def detection_inputs(self, images: Sequence[Tensor]) -> Tensor:
+        """Letterboxed images of one size, stacked.
+
+        Raises:
+            QzError: the images differ in size (the transform must letterbox them).
+        """
+        if len({tuple(x.shape) for x in images}) != 1:
+            raise QzError("YOLO takes letterboxed images of one size: use the model's transform (LetterBox).")
+        return torch.stack(list(images))
+
+    def detection_loss(self, images: Tensor | list[Tensor], targets: Sequence[Target]) -> Tensor:
+        """ultralytics' detection loss; target boxes are mapped into the letterboxed input."""
+        x = images if isinstance(images, Tensor) else self.detection_inputs(images)
+        return yolo_detection_loss(self)(self(x), yolo_labels(targets, tuple(x.shape[-2:])))
+
+    def detect(self, images: Tensor | list[Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Detection]:
+        """ultralytics' NMS on the decoded predictions, boxes taken back through the letterbox."""
+        nms = import_ultralytics("ultralytics.utils.nms").non_max_suppression
+        x = images if isinstance(images, Tensor) else self.detection_inputs(images)
+        out = self(x)
+        predictions = out[0] if isinstance(out, (tuple, list)) else out
+        kept = nms(predictions, self.conf_thres, self.iou_thres, max_det=self.max_det)
+        input_size = tuple(x.shape[-2:])
+        return [
+            {"boxes": boxes_from_letterbox(k[:, :4], size, input_size), "labels": k[:, 5].long(), "scores": k[:, 4]}
+            for k, size in zip(kept, image_sizes, strict=True)
+        ]
+
+    def export_module(self) -> nn.Module:
+        """The model itself with ``export=True``, else a wrapper returning its predictions only."""
+        return self if self.model[-1].export else YoloPredictions(self)
+
+    def settle_random_weights(self, inputs: Sequence[Any]) -> None:
+        """BatchNorm statistics from ``inputs`` (ultralytics' initialization is already of order one)."""
+        estimate_bn_stats(self, list(inputs))
+
+
+def yolo_labels(targets: Sequence[Target], input_size: tuple[int, int]) -> dict[str, Tensor]:
+    """ultralytics' label dict (``batch_idx``, ``cls``, ``bboxes`` as normalized xywh) of targets in original pixels."""
+    index, classes, boxes = [], [], []
+    for i, target in enumerate(targets):
+        xyxy = boxes_to_letterbox(target["boxes"].float(), tuple(target["image_size"]), input_size)
+        xyxy = xyxy / torch.tensor([input_size[1], input_size[0]] * 2)
+        boxes.append(torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1))
+        classes.append(target["labels"].float().view(-1, 1))
+        index.append(torch.full((len(xyxy),), float(i)))
+    return {"batch_idx": torch.cat(index), "cls": torch.cat(classes), "bboxes": torch.cat(boxes)}
+
+
+def yolo_detection_loss(model: nn.Module) -> Callable[[Any, Mapping[str, Tensor]], Tensor]:
+    """ultralytics' YOLO detection loss (box IoU, class BCE, DFL) as ``loss_fn(outputs, targets)``.
+
+    ``targets`` is ultralytics' label dict: ``batch_idx`` (N,), ``cls`` (N, 1) and ``bboxes`` (N, 4)
+    as normalized xywh. ``model`` gets ultralytics' default hyperparameters as ``model.args`` if it has none.
+    """
+    get_cfg = import_ultralytics("ultralytics.cfg").get_cfg
+    v8_detection_loss = import_ultralytics("ultralytics.utils.loss").v8DetectionLoss
+    if not hasattr(model, "args"):
+        model.args = get_cfg()
+    criterion = v8_detection_loss(model)
+
+    def loss_fn(outputs: Any, targets: Mapping[str, Tensor]) -> Tensor:
+        return criterion(outputs, dict(targets))[0].sum()
+
+    return loss_fn
+
+
+def read_ultralytics_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The float state dict, ``num_classes`` and ``names`` of an ultralytics ``.pt`` checkpoint.
+
+    Read with ultralytics' ``torch_safe_load(safe_only=True)``: ``torch.load(weights_only=True)``
+    against its allow-list of its own and torch's classes, so no arbitrary code runs.
+
+    Raises:
+        QzError: the file does not load that way, or holds no model.
+    """
+    torch_safe_load = import_ultralytics("ultralytics.nn.tasks").torch_safe_load
+    try:
+        checkpoint, _ = torch_safe_load(str(path), safe_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means 'not a checkpoint qz can read safely'
+        raise QzError(
+            f"Cannot read YOLO weights {str(path)!r}: not an ultralytics checkpoint that loads with "
+            f"weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "See qz_detection.models.yolo.read_yolo_checkpoint for converting a trusted file."
+        ) from exc
+    model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(model, nn.Module):
+        raise QzError(f"ultralytics checkpoint {str(Path(path))!r} holds no model under 'ema' or 'model'.")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {}
+    detect = model.model[-1] if hasattr(model, "model") else None
+    if detect is not None and hasattr(detect, "nc"):
+        meta["num_classes"] = int(detect.nc)
+    names = getattr(model, "names", None)
+    if isinstance(names, Mapping):
+        meta["names"] = [str(names[k]) for k in sorted(names)]
+    elif isinstance(names, (list, tuple)):
+        meta["names"] = [str(n) for n in names]
+    return state, meta
