@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +29,11 @@ def photos(tmp_path_factory) -> Path:
     import ultralytics
 
     folder = tmp_path_factory.mktemp("photos")
-    for photo in sorted((Path(ultralytics.__file__).parent / "assets").glob("*.jpg")):
-        shutil.copy(photo, folder / photo.name)
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    images = {p.stem: Image.open(p) for p in (Path(ultralytics.__file__).parent / "assets").glob("*.jpg")}
+    images |= {name: Image.fromarray(getattr(skimage.data, name)()) for name in ("astronaut", "coffee")}
+    for name, image in images.items():
+        image.thumbnail((320, 320))  # smaller, still of mixed sizes: the test's CPU time
+        image.save(folder / f"{name}.{'jpg' if name in ('bus', 'zidane') else 'png'}")
     sizes = {Image.open(p).size for p in folder.iterdir()}
     assert len(sizes) >= 3
     return folder

@@ -33,6 +33,7 @@ from qz_core.weights import WeightsSource, resolve_weights
 from qz_core.workflow import calibrate, convert, load_quantized, save_quantized, train_qat
 
 MODEL_SUFFIXES = (".pt", ".pth")
+LATENCY_ROUNDS = 5
 ONNX_SUFFIXES = (".onnx",)
 
 
@@ -146,8 +147,8 @@ class QuantizeResult:
         ]
         if self.fp32_ms is not None and self.int8_ms is not None:
             lines.append(
-                f"latency (eager, batch 1, median): {self.int8_ms:.1f} ms INT8 vs {self.fp32_ms:.1f} ms FP32 "
-                f"({self.int8_ms / self.fp32_ms:.2f}x)"
+                f"latency (eager, batch 1, median of {LATENCY_ROUNDS}): {self.int8_ms:.1f} ms INT8 "
+                f"vs {self.fp32_ms:.1f} ms FP32 ({self.int8_ms / self.fp32_ms:.2f}x)"
             )
         if self.onnx is not None:
             lines.append(str(self.onnx))
@@ -217,7 +218,7 @@ def quantize_model(request: QuantizeRequest) -> QuantizeResult:
 def _latency(model: nn.Module, inputs: Any) -> float:
     threads = torch.get_num_threads()
     try:
-        return measure_latency(model, inputs, warmup=2, rounds=10).median_ms
+        return measure_latency(model, inputs, warmup=1, rounds=LATENCY_ROUNDS).median_ms
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
