@@ -13,8 +13,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from qz_classification.evaluate import evaluate_classifier, topk_accuracy
 from qz_classification.imagenet import imagenet_folder, imagenet_synsets, read_class_index
-from qz_core import QzError, calibrate, convert, get_model, list_models, register_model, save_quantized
+from qz_core import ModelSpec, QzError, calibrate, convert, define_model, get_model, save_quantized
 from qz_core.cli import main
+from qz_core.registry import unregister_model
 
 STUB = "qz_test_pattern_classifier"
 # Three synsets whose torchvision indices are known from torchvision's category names:
@@ -40,13 +41,15 @@ class PatternClassifier(nn.Module):
         return -((classes.view(1, -1) - predicted.view(-1, 1)) % self.num_classes).float()
 
 
-if STUB not in list_models(STUB):
-
-    @register_model(STUB, task="classification", default_transforms=lambda: pil_to_tensor)
-    def _pattern_classifier(*, weights=None, progress=True, quantize=False, is_qat=False, skip_fuse=False, **kwargs):
-        if weights is not None or quantize:
-            raise QzError("the test stub has no weights and does not quantize")
-        return PatternClassifier(**kwargs)
+@pytest.fixture(scope="module", autouse=True)
+def _pattern_stub():
+    """The stub classifier, registered as a classification model (no weights enum, tensor preprocessing)."""
+    spec = ModelSpec(
+        name=STUB, task="classification", family="test", make_model=PatternClassifier, preprocess=lambda: pil_to_tensor
+    )
+    define_model(spec)
+    yield
+    unregister_model(STUB)
 
 
 def _write(path, predicted: int, size: int = 4) -> None:

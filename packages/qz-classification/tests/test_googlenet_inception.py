@@ -7,9 +7,20 @@ import torch
 from torch import nn
 from torchvision.models import GoogLeNet_Weights, Inception_V3_Weights
 
-from qz_classification.models.googlenet import drop_aux_after_load, pretrained_kwargs
-from qz_core import count_float_islands, get_model, get_model_entry
-from qz_core.support import probe_model
+from qz_classification.models.googlenet import drop_aux_after_load, torchvision_weights_rules
+from qz_core import (
+    BuildContext,
+    calibrate,
+    convert,
+    count_float_islands,
+    get_model,
+    get_model_spec,
+    load_quantized,
+    recipe_of,
+    save_quantized,
+)
+from qz_core.tools.support import probe_model
+from qz_core.weights import WeightsSource
 
 from conftest import assert_fully_supported, assert_matches_torchvision
 
@@ -47,21 +58,58 @@ def test_every_conv_bn_relu_fuses(name, is_qat):
 
 
 def test_inception_v3_input_size():
-    assert get_model_entry("inception_v3").input_size == (299, 299)
+    assert get_model_spec("inception_v3").input_size == (299, 299)
+
+
+def _context(weights=None, path=None):
+    return BuildContext(WeightsSource(weights, path) if weights or path else None, False, False, False)
 
 
 @pytest.mark.parametrize(("weights_enum", "aux_default"), [(GoogLeNet_Weights, False), (Inception_V3_Weights, True)])
-def test_pretrained_kwargs_follow_torchvision(weights_enum, aux_default):
+def test_torchvision_weights_rules_follow_torchvision(weights_enum, aux_default, tmp_path):
+    adjust = torchvision_weights_rules(aux_default)
     kwargs: dict = {}
-    assert pretrained_kwargs(weights_enum.DEFAULT, weights_enum, kwargs, aux_default) is aux_default
-    assert kwargs == {"transform_input": True, "aux_logits": True, "init_weights": False}
+    adjust(_context(weights_enum.DEFAULT), kwargs)
+    expected = {"transform_input": True, "aux_logits": aux_default, "init_weights": False, "load_aux_heads": True}
+    assert kwargs == expected
     kwargs = {"transform_input": False, "aux_logits": True}
-    assert pretrained_kwargs("DEFAULT", weights_enum, kwargs, aux_default) is True
-    assert kwargs["transform_input"] is False
-    # Without torchvision weights nothing changes.
-    kwargs = {}
-    assert pretrained_kwargs(None, weights_enum, kwargs, aux_default) is True
-    assert kwargs == {}
+    adjust(_context(weights_enum.DEFAULT), kwargs)
+    assert kwargs["transform_input"] is False and kwargs["aux_logits"] is True
+    # Without torchvision weights (none, or a checkpoint file) nothing changes.
+    for context in (_context(), _context(path=tmp_path / "float.pth")):
+        kwargs = {}
+        adjust(context, kwargs)
+        assert kwargs == {}
+
+
+@pytest.mark.filterwarnings("ignore:.*observers saw no data")  # a kept aux head runs in training mode only
+@pytest.mark.parametrize(
+    ("name", "weights_enum", "heads", "kept"),
+    [
+        ("googlenet", GoogLeNet_Weights, ("aux1", "aux2"), False),
+        ("inception_v3", Inception_V3_Weights, ("AuxLogits",), True),
+    ],
+)
+def test_torchvision_weights_load_with_aux_heads_and_the_recipe_rebuilds(
+    name, weights_enum, heads, kept, monkeypatch, tmp_path
+):
+    """torchvision's checkpoints hold the aux heads: they load, then go unless kept; the recipe says which."""
+    torch.manual_seed(0)
+    state = get_model(name, aux_logits=True, init_weights=False).state_dict()
+    monkeypatch.setattr(type(weights_enum.DEFAULT), "get_state_dict", lambda self, *args, **kwargs: state)
+    model = get_model(name, weights="DEFAULT", quantize=True, activation_observer="minmax")
+    assert model.aux_logits is kept and all((getattr(model, h) is not None) is kept for h in heads)
+    recipe = recipe_of(model)
+    assert recipe.model_kwargs["aux_logits"] is kept and "load_aux_heads" not in recipe.model_kwargs
+    assert recipe.model_kwargs["transform_input"] is True
+    size = SIZES[name]
+    calibrate(model, [torch.randn(1, 3, size, size)], progress=False)
+    int8 = convert(model)
+    save_quantized(int8, tmp_path / "int8.pt")
+    loaded = load_quantized(tmp_path / "int8.pt")
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), int8(x))
 
 
 @pytest.mark.parametrize(("name", "heads"), [("googlenet", ("aux1", "aux2")), ("inception_v3", ("AuxLogits",))])

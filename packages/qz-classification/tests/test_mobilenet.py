@@ -9,8 +9,7 @@ import torchvision
 from torch import nn
 
 from qz_classification.models import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
-from qz_core import calibrate, convert, set_backend
-from qz_core.support import estimate_bn_stats
+from qz_core import calibrate, convert, estimate_bn_stats, set_backend
 
 from conftest import assert_fully_supported, assert_matches_torchvision
 

@@ -4,8 +4,7 @@ import torchvision
 from torchvision.models import quantization as tvq
 
 import qz_core
-from qz_core import QzError
-from qz_core.support import estimate_bn_stats
+from qz_core import QzError, estimate_bn_stats
 
 from conftest import assert_fully_supported, assert_matches_torchvision
 
@@ -116,5 +115,12 @@ def test_wrong_checkpoint_is_named(tmp_path):
         qz_core.get_model("resnext50_32x4d", groups=8)
     with pytest.raises(QzError, match=r"Invalid weights 'IMAGENET1K_V3'.*IMAGENET1K_V1, IMAGENET1K_V2"):
         qz_core.get_model("resnet50", weights="IMAGENET1K_V3")
+
+
+def test_num_classes_is_checked_against_the_weights_before_downloading(monkeypatch):
+    def download(*args, **kwargs):
+        raise AssertionError("downloaded before checking num_classes against the weights' categories")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", download)
     with pytest.raises(QzError, match=r"num_classes=10 does not match weights ResNet50_Weights.IMAGENET1K_V2"):
         qz_core.get_model("resnet50", weights="DEFAULT", num_classes=10)

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 import qz_core
+from qz_classification.data import training_images
 from qz_classification.evaluate import topk_accuracy
+from qz_classification.task import TASK
 from qz_core import QzError
 
 
@@ -60,11 +62,11 @@ def folder_data(root: str | os.PathLike, transform, batch_size: int = 32, seed: 
     """A user's image folder: ``train/`` and ``val/`` subfolders, or one ImageFolder split 80/20."""
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
-        train = qz_core.image_dataset(root / "train", transform, purpose="training", labeled=True)
-        test = qz_core.image_dataset(root / "val", transform, purpose="validation", labeled=True)
+        train = training_images(root / "train", transform)
+        test = training_images(root / "val", transform, purpose="validation")
         num_classes = len(train.classes)
     else:
-        full = qz_core.image_dataset(root, transform, purpose="data", labeled=True)
+        full = training_images(root, transform, purpose="data")
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
         cut = max(1, int(0.8 * len(order)))
         train, test, num_classes = Subset(full, order[:cut]), Subset(full, order[cut:]), len(full.classes)
@@ -135,9 +137,10 @@ def run_demo(
 ) -> list[Row]:
     """Trains (or fine-tunes) a float model, quantizes it by PTQ and by QAT, and prints one table."""
     torch.manual_seed(seed)
-    entry = qz_core.get_model_entry(model_name)
-    if entry.task != "classification":
-        raise QzError(f"The demo takes a classification model; {model_name!r} is a {entry.task} model.")
+    spec = qz_core.get_model_spec(model_name)
+    if spec.task != "classification":
+        raise QzError(f"The demo takes a classification model; {model_name!r} is a {spec.task} model.")
+    builder = qz_core.get_model_builder(model_name)
     if data is None:
         dataset = digits_data(image_size)
     else:
@@ -146,9 +149,9 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
 
     if weights is None:
-        model = entry.builder(num_classes=dataset.num_classes)
+        model = builder(num_classes=dataset.num_classes)
     else:
-        model = entry.builder(weights=weights)
+        model = builder(weights=weights)
         _replace_head(model, dataset.num_classes)
     if epochs:
         train_float(model, dataset.train, epochs)
@@ -156,12 +159,12 @@ def run_demo(
     torch.save(model.state_dict(), checkpoint)
 
     build = dict(weights=str(checkpoint), num_classes=dataset.num_classes, backend=backend)
-    ptq = entry.builder(**build, quantize=True)
+    ptq = builder(**build, quantize=True)
     qz_core.calibrate(ptq, dataset.train, num_batches=calib_batches)
     ptq = qz_core.convert(ptq)
 
-    qat = entry.builder(**build, quantize=True, is_qat=True)
-    qz_core.train_qat(qat, dataset.train, nn.CrossEntropyLoss(), epochs=qat_epochs, lr=1e-4, freeze_bn_after=0)
+    qat = builder(**build, quantize=True, is_qat=True)
+    qz_core.train_qat(qat, dataset.train, step_loss=TASK.training_loss, epochs=qat_epochs, lr=1e-4, freeze_bn_after=0)
     qat = qz_core.convert(qat)
     qz_core.save_quantized(ptq, out / f"{model_name}_int8_ptq.pt")
     qz_core.save_quantized(qat, out / f"{model_name}_int8_qat.pt")

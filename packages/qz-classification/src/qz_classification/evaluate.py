@@ -13,15 +13,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from qz_classification.data import calibration_images
 from qz_classification.imagenet import check_class_count, imagenet_folder
-from qz_core import (
-    QzError,
-    calibrate,
-    convert,
-    get_model_transforms,
-    image_dataset,
-    set_backend,
-)
+from qz_core import QzError, calibrate, convert, get_model_builder, get_model_transforms, recipe_of, set_backend
 from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
 
 
@@ -182,13 +176,14 @@ def evaluate_classifier(
         QzError: bad names, folders, files, or classes that do not fit the model.
     """
     check_eval_options(quantize, int8, batch_size=batch_size, calib_batches=calib_batches, limit=limit)
-    model, entry, int8_model = resolve_eval_model(model, int8, "classification", "evaluate_classifier()")
+    model, _, int8_model = resolve_eval_model(model, int8, "classification", "evaluate_classifier()")
+    builder = get_model_builder(model)
 
     transform = get_model_transforms(model, weights)
     model_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     float_model = None
     if int8_model is None or weights is not None:
-        float_model = entry.builder(weights=weights, **model_kwargs).eval()
+        float_model = builder(weights=weights, **model_kwargs).eval()
     dataset = imagenet_folder(data, transform, class_index=class_index)
     classes = _output_classes(float_model if float_model is not None else int8_model, dataset[0][0])
     check_class_count(dataset.root, dataset.class_to_idx, dataset.label_source, classes)
@@ -213,14 +208,14 @@ def evaluate_classifier(
         result.fp32 = _timed_accuracy(float_model, loader, "FP32", progress)
     if quantize:
         options = {"backend": backend, "activation_observer": activation_observer}
-        prepared = entry.builder(weights=weights, quantize=True, **options, **model_kwargs)
+        prepared = builder(weights=weights, quantize=True, **options, **model_kwargs)
         if calib is None:
             calib_data = Subset(dataset, calib_idx)
             result.calibration = (
                 f"{len(calib_idx)} of the {len(dataset)} images of {result.data}, held out (not evaluated)"
             )
         else:
-            calib_data = image_dataset(calib, transform, purpose="calibration")
+            calib_data = calibration_images(calib, transform)
             result.calibration = f"up to {calib_batches} batches of {batch_size} from {os.fspath(calib)}"
         generator = torch.Generator().manual_seed(seed)
         calib_loader = DataLoader(
@@ -233,6 +228,6 @@ def evaluate_classifier(
     elif int8_model is not None:
         result.int8_source = os.fspath(int8)
     if int8_model is not None:
-        result.backend = set_backend(int8_model.qz_recipe["options"]["backend"])
+        result.backend = set_backend(recipe_of(int8_model).options.backend)
         result.int8 = _timed_accuracy(int8_model, loader, "INT8", progress)
     return result

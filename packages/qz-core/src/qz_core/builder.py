@@ -126,13 +126,17 @@ class LoadedWeights:
     attributes: Mapping[str, Any] = field(default_factory=dict)
 
 
+def metadata_kwargs(source: WeightsSource) -> dict[str, Any]:
+    """Constructor arguments an enum's metadata fixes: ``num_classes`` from its categories."""
+    categories = source.meta.get("categories")
+    return {"num_classes": len(categories)} if categories is not None else {}
+
+
 def read_weights_default(context: BuildContext) -> LoadedWeights:
-    """A torchvision enum's or a checkpoint file's state dict; ``num_classes`` from the enum's categories."""
+    """A torchvision enum's or a checkpoint file's state dict, with what the enum's metadata fixes."""
     source = context.source
     assert source is not None
-    categories = source.meta.get("categories")
-    kwargs = {"num_classes": len(categories)} if categories is not None else {}
-    return LoadedWeights(source.state_dict(progress=context.progress), kwargs)
+    return LoadedWeights(source.state_dict(progress=context.progress), metadata_kwargs(source))
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,8 @@ def build_model(
     _apply_fixed(spec, kwargs)
     if spec.adjust_kwargs is not None:  # before reading weights: a bad argument fails before any download
         spec.adjust_kwargs(context, kwargs)
+    if source is not None:  # what the metadata fixes is checked before any download
+        _merge_checkpoint_kwargs(spec, LoadedWeights({}, metadata_kwargs(source)), source.label, kwargs)
     loaded = spec.read_weights(context) if source is not None else None
     if loaded is not None:
         _merge_checkpoint_kwargs(spec, loaded, source.label, kwargs)

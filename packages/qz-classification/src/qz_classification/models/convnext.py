@@ -11,6 +11,7 @@ multiply disappears from the INT8 graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -21,9 +22,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import convnext as tv
 from torchvision.models.convnext import CNBlock, CNBlockConfig, ConvNeXt
 
-from qz_classification._registry import register_classifier
-from qz_core import QzError, build_quantizable
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, QzError, define_model
 
 __all__ = [
     "ChannelsFirstNorm",
@@ -111,53 +111,38 @@ class QuantizableConvNeXt(ConvNeXt):
                 module.fold_layer_scale()
 
 
-def _variant(name: str, setting: list[tuple[int, int | None, int]], depth_prob: float, weights_enum: type):
-    """Defines and registers the public builder ``name`` with the seed signature."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableConvNeXt:
-        kwargs.setdefault("stochastic_depth_prob", depth_prob)
-        block_setting = [CNBlockConfig(*row) for row in setting]
-        return build_quantizable(
-            lambda **kw: QuantizableConvNeXt(block_setting, **kw),
-            weights=weights,
-            weights_enum=weights_enum,
-            progress=progress,
-            quantize=quantize,
-            is_qat=is_qat,
-            skip_fuse=skip_fuse,
-            **kwargs,
-        )
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion (the layer-scale fold) to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``ConvNeXt`` arguments.\n"
-    )
-    return register_classifier(name, weights_enum, family="convnext")(builder)
+def _make_convnext(setting: list[tuple[int, int | None, int]], **kwargs: Any) -> QuantizableConvNeXt:
+    return QuantizableConvNeXt([CNBlockConfig(*row) for row in setting], **kwargs)
 
 
+def _arch(setting: list[tuple[int, int | None, int]], depth_prob: float) -> Callable[..., QuantizableConvNeXt]:
+    """One variant's stages, and its default ``stochastic_depth_prob`` (as torchvision's builders)."""
+    return partial(_make_convnext, setting, stochastic_depth_prob=depth_prob)
+
+
+_TINY = [(96, 192, 3), (192, 384, 3), (384, 768, 9), (768, None, 3)]
 _SMALL = [(96, 192, 3), (192, 384, 3), (384, 768, 27), (768, None, 3)]
-convnext_tiny = _variant(
-    "convnext_tiny", [(96, 192, 3), (192, 384, 3), (384, 768, 9), (768, None, 3)], 0.1, tv.ConvNeXt_Tiny_Weights
+_BASE_SIZE = [(128, 256, 3), (256, 512, 3), (512, 1024, 27), (1024, None, 3)]
+_LARGE = [(192, 384, 3), (384, 768, 3), (768, 1536, 27), (1536, None, 3)]
+_BASE = ModelSpec(
+    name="convnext",
+    task=TASK,
+    family="convnext",
+    make_model=_arch(_TINY, 0.1),
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("convnext"),
+    description="torchvision's ConvNeXt architecture; ``skip_fuse`` leaves the layer-scale fold to the caller",
 )
-convnext_small = _variant("convnext_small", _SMALL, 0.4, tv.ConvNeXt_Small_Weights)
-convnext_base = _variant(
-    "convnext_base", [(128, 256, 3), (256, 512, 3), (512, 1024, 27), (1024, None, 3)], 0.5, tv.ConvNeXt_Base_Weights
+
+convnext_tiny = define_model(
+    _BASE.variant(name="convnext_tiny", make_model=_arch(_TINY, 0.1), weights_enum=tv.ConvNeXt_Tiny_Weights)
 )
-convnext_large = _variant(
-    "convnext_large", [(192, 384, 3), (384, 768, 3), (768, 1536, 27), (1536, None, 3)], 0.5, tv.ConvNeXt_Large_Weights
+convnext_small = define_model(
+    _BASE.variant(name="convnext_small", make_model=_arch(_SMALL, 0.4), weights_enum=tv.ConvNeXt_Small_Weights)
+)
+convnext_base = define_model(
+    _BASE.variant(name="convnext_base", make_model=_arch(_BASE_SIZE, 0.5), weights_enum=tv.ConvNeXt_Base_Weights)
+)
+convnext_large = define_model(
+    _BASE.variant(name="convnext_large", make_model=_arch(_LARGE, 0.5), weights_enum=tv.ConvNeXt_Large_Weights)
 )

@@ -21,6 +21,8 @@ scale (``torch.cat`` on quantized tensors of different scales is wrong).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,9 +33,9 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import densenet as tv
 from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 
-from qz_classification._registry import register_classifier
-from qz_core import QzError, build_quantizable, fuse_modules, load_state_dict_strict, resolve_weights
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import BuildContext, LoadedWeights, ModelSpec, define_model, fuse_modules
+from qz_core.builder import read_weights_default
 from qz_core.errors import invalid_choice
 
 __all__ = [
@@ -193,92 +195,36 @@ def remap_legacy_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def _densenet(
-    growth_rate: int,
-    block_config: tuple[int, int, int, int],
-    num_init_features: int,
-    weights_enum: type[tv.WeightsEnum],
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
-) -> QuantizableDenseNet:
-    # torchvision's DenseNet checkpoints need their legacy keys renamed before the strict load,
-    # and build_quantizable has no hook for that: qz loads them in make_model itself.
-    # (Recommended qz-core change: a ``remap_state_dict`` argument to build_quantizable.)
-    source = resolve_weights(weights, weights_enum)
-    state = None
-    if source is not None:
-        state = remap_legacy_keys(source.state_dict(progress=progress))
-        if "categories" in source.meta:
-            expected = len(source.meta["categories"])
-            if kwargs.setdefault("num_classes", expected) != expected:
-                raise QzError(
-                    f"num_classes={kwargs['num_classes']} does not match weights {source.label} "
-                    f"({expected} categories)."
-                )
-
-    def make_model(**kw: Any) -> QuantizableDenseNet:
-        model = QuantizableDenseNet(growth_rate, block_config, num_init_features, **kw)
-        if state is not None:
-            load_state_dict_strict(model, state, source.label)
-        return model
-
-    return build_quantizable(
-        make_model,
-        weights=None,
-        weights_enum=weights_enum,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
-    )
+def read_densenet_weights(context: BuildContext) -> LoadedWeights:
+    """The weights with torchvision's legacy dense-layer keys renamed; ``num_classes`` from their categories."""
+    loaded = read_weights_default(context)
+    return LoadedWeights(remap_legacy_keys(dict(loaded.state_dict)), loaded.model_kwargs)
 
 
-def _variant(name: str, growth_rate: int, block_config: tuple[int, ...], init_features: int, weights_enum: type):
-    """Defines and registers the public builder ``name`` with the seed signature."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableDenseNet:
-        return _densenet(
-            growth_rate,
-            block_config,
-            init_features,
-            weights_enum,
-            weights,
-            progress,
-            quantize,
-            is_qat,
-            skip_fuse,
-            **kwargs,
-        )
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields, ``bn_relu`` ('bn' or 'conv') and torchvision\n"
-        "        ``DenseNet`` arguments.\n"
-    )
-    return register_classifier(name, weights_enum, family="densenet")(builder)
+def _arch(growth_rate: int, block_config: tuple[int, int, int, int], init_features: int) -> Callable[..., DenseNet]:
+    return partial(QuantizableDenseNet, growth_rate, block_config, init_features)
 
 
-densenet121 = _variant("densenet121", 32, (6, 12, 24, 16), 64, tv.DenseNet121_Weights)
-densenet161 = _variant("densenet161", 48, (6, 12, 36, 24), 96, tv.DenseNet161_Weights)
-densenet169 = _variant("densenet169", 32, (6, 12, 32, 32), 64, tv.DenseNet169_Weights)
-densenet201 = _variant("densenet201", 32, (6, 12, 48, 32), 64, tv.DenseNet201_Weights)
+_BASE = ModelSpec(
+    name="densenet",
+    task=TASK,
+    family="densenet",
+    make_model=_arch(32, (6, 12, 24, 16), 64),
+    read_weights=read_densenet_weights,
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("densenet"),
+    description="torchvision's DenseNet architecture; ``bn_relu`` ('bn' or 'conv') picks the BN-ReLU fusion",
+)
+
+densenet121 = define_model(
+    _BASE.variant(name="densenet121", make_model=_arch(32, (6, 12, 24, 16), 64), weights_enum=tv.DenseNet121_Weights)
+)
+densenet161 = define_model(
+    _BASE.variant(name="densenet161", make_model=_arch(48, (6, 12, 36, 24), 96), weights_enum=tv.DenseNet161_Weights)
+)
+densenet169 = define_model(
+    _BASE.variant(name="densenet169", make_model=_arch(32, (6, 12, 32, 32), 64), weights_enum=tv.DenseNet169_Weights)
+)
+densenet201 = define_model(
+    _BASE.variant(name="densenet201", make_model=_arch(32, (6, 12, 48, 32), 64), weights_enum=tv.DenseNet201_Weights)
+)

@@ -8,6 +8,7 @@ Unquantized, each model computes exactly what torchvision's computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -17,9 +18,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import efficientnet as tv
 from torchvision.models.efficientnet import EfficientNet, FusedMBConv, MBConv
 
-from qz_classification._registry import register_classifier
-from qz_core import QzError, build_quantizable, fuse_modules, sequential_fusion_groups
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, QzError, define_model, fuse_modules, sequential_fusion_groups
 from qz_core.modules import QuantizableSiLU, QuantizableSqueezeExcitation, replace_silu
 
 __all__ = [
@@ -105,30 +105,28 @@ class QuantizableEfficientNet(EfficientNet):
         fuse_modules(self, groups, is_qat)
 
 
-def _efficientnet(
-    arch: str,
-    conf: dict[str, float],
-    weights_enum: type[tv.WeightsEnum],
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
+def _make_efficientnet(
+    arch: str, conf: dict[str, float], fixed_norm_layer: Callable[..., nn.Module] | None, **kwargs: Any
 ) -> QuantizableEfficientNet:
+    if fixed_norm_layer is not None:
+        if "norm_layer" in kwargs:
+            raise QzError(f"{arch} fixes norm_layer to {fixed_norm_layer}; do not pass norm_layer.")
+        kwargs["norm_layer"] = fixed_norm_layer
     setting, last_channel = tv._efficientnet_conf(arch, **conf)
     for cnf in setting:
         cnf.block = _BLOCKS[cnf.block]
-    return build_quantizable(
-        lambda **kw: QuantizableEfficientNet(setting, last_channel=last_channel, **kw),
-        weights=weights,
-        weights_enum=weights_enum,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
-    )
+    return QuantizableEfficientNet(setting, last_channel=last_channel, **kwargs)
+
+
+_BASE = ModelSpec(
+    name="efficientnet",
+    task=TASK,
+    family="efficientnet",
+    make_model=partial(_make_efficientnet, "efficientnet_b0", {"width_mult": 1.0, "depth_mult": 1.0}, None),
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("efficientnet"),
+    description="torchvision's EfficientNet architecture",
+)
 
 
 def _variant(
@@ -136,59 +134,47 @@ def _variant(
     weights_enum: type[tv.WeightsEnum],
     dropout: float,
     input_size: int,
-    norm_layer: Any = None,
+    norm_layer: Callable[..., nn.Module] | None = None,
     **conf: float,
-):
-    """Defines and registers the public builder ``name`` as torchvision's builder configures it."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableEfficientNet:
-        kwargs["dropout"] = kwargs.pop("dropout", dropout)
-        if norm_layer is not None:
-            if "norm_layer" in kwargs:
-                raise QzError(f"{name} fixes norm_layer to {norm_layer}; do not pass norm_layer.")
-            kwargs["norm_layer"] = norm_layer
-        return _efficientnet(name, conf, weights_enum, weights, progress, quantize, is_qat, skip_fuse, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``EfficientNet`` arguments.\n"
-    )
+) -> ModelSpec:
+    """The spec of ``name`` as torchvision's builder configures it; input size = the weights' crop size."""
     size = (input_size, input_size)
-    return register_classifier(name, weights_enum, family="efficientnet", input_size=size)(builder)
+    return _BASE.variant(
+        name=name,
+        make_model=partial(_make_efficientnet, name, conf, norm_layer, dropout=dropout),
+        weights_enum=weights_enum,
+        input_size=size,
+        preprocess=imagenet_preprocess(size),
+    )
 
 
-# Dropout, norm layer and scaling exactly as torchvision's builders; input size = the weights' crop size.
 _BN_B5 = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
 _BN_V2 = partial(nn.BatchNorm2d, eps=1e-03)
-efficientnet_b0 = _variant("efficientnet_b0", tv.EfficientNet_B0_Weights, 0.2, 224, width_mult=1.0, depth_mult=1.0)
-efficientnet_b1 = _variant("efficientnet_b1", tv.EfficientNet_B1_Weights, 0.2, 240, width_mult=1.0, depth_mult=1.1)
-efficientnet_b2 = _variant("efficientnet_b2", tv.EfficientNet_B2_Weights, 0.3, 288, width_mult=1.1, depth_mult=1.2)
-efficientnet_b3 = _variant("efficientnet_b3", tv.EfficientNet_B3_Weights, 0.3, 300, width_mult=1.2, depth_mult=1.4)
-efficientnet_b4 = _variant("efficientnet_b4", tv.EfficientNet_B4_Weights, 0.4, 380, width_mult=1.4, depth_mult=1.8)
-efficientnet_b5 = _variant(
-    "efficientnet_b5", tv.EfficientNet_B5_Weights, 0.4, 456, _BN_B5, width_mult=1.6, depth_mult=2.2
+
+efficientnet_b0 = define_model(
+    _variant("efficientnet_b0", tv.EfficientNet_B0_Weights, 0.2, 224, width_mult=1.0, depth_mult=1.0)
 )
-efficientnet_b6 = _variant(
-    "efficientnet_b6", tv.EfficientNet_B6_Weights, 0.5, 528, _BN_B5, width_mult=1.8, depth_mult=2.6
+efficientnet_b1 = define_model(
+    _variant("efficientnet_b1", tv.EfficientNet_B1_Weights, 0.2, 240, width_mult=1.0, depth_mult=1.1)
 )
-efficientnet_b7 = _variant(
-    "efficientnet_b7", tv.EfficientNet_B7_Weights, 0.5, 600, _BN_B5, width_mult=2.0, depth_mult=3.1
+efficientnet_b2 = define_model(
+    _variant("efficientnet_b2", tv.EfficientNet_B2_Weights, 0.3, 288, width_mult=1.1, depth_mult=1.2)
 )
-efficientnet_v2_s = _variant("efficientnet_v2_s", tv.EfficientNet_V2_S_Weights, 0.2, 384, _BN_V2)
-efficientnet_v2_m = _variant("efficientnet_v2_m", tv.EfficientNet_V2_M_Weights, 0.3, 480, _BN_V2)
-efficientnet_v2_l = _variant("efficientnet_v2_l", tv.EfficientNet_V2_L_Weights, 0.4, 480, _BN_V2)
+efficientnet_b3 = define_model(
+    _variant("efficientnet_b3", tv.EfficientNet_B3_Weights, 0.3, 300, width_mult=1.2, depth_mult=1.4)
+)
+efficientnet_b4 = define_model(
+    _variant("efficientnet_b4", tv.EfficientNet_B4_Weights, 0.4, 380, width_mult=1.4, depth_mult=1.8)
+)
+efficientnet_b5 = define_model(
+    _variant("efficientnet_b5", tv.EfficientNet_B5_Weights, 0.4, 456, _BN_B5, width_mult=1.6, depth_mult=2.2)
+)
+efficientnet_b6 = define_model(
+    _variant("efficientnet_b6", tv.EfficientNet_B6_Weights, 0.5, 528, _BN_B5, width_mult=1.8, depth_mult=2.6)
+)
+efficientnet_b7 = define_model(
+    _variant("efficientnet_b7", tv.EfficientNet_B7_Weights, 0.5, 600, _BN_B5, width_mult=2.0, depth_mult=3.1)
+)
+efficientnet_v2_s = define_model(_variant("efficientnet_v2_s", tv.EfficientNet_V2_S_Weights, 0.2, 384, _BN_V2))
+efficientnet_v2_m = define_model(_variant("efficientnet_v2_m", tv.EfficientNet_V2_M_Weights, 0.3, 480, _BN_V2))
+efficientnet_v2_l = define_model(_variant("efficientnet_v2_l", tv.EfficientNet_V2_L_Weights, 0.4, 480, _BN_V2))

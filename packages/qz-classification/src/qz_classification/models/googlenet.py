@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -12,9 +13,8 @@ from torchvision.models.quantization.googlenet import (
 )
 from torchvision.models.quantization.googlenet import QuantizableGoogLeNet as _TvQuantizableGoogLeNet
 
-from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_modules, resolve_weights
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import BuildContext, ModelSpec, define_model, fuse_modules
 
 __all__ = ["QuantizableGoogLeNet", "drop_aux_after_load", "googlenet"]
 
@@ -44,7 +44,7 @@ def drop_aux_after_load(model: nn.Module, names: tuple[str, ...]) -> None:
 
     torchvision builds pretrained GoogLeNet and Inception v3 with their auxiliary heads (the
     checkpoints hold them), loads, then drops the heads unless ``aux_logits=True`` was asked for.
-    ``build_quantizable`` loads inside, so qz drops them from a load_state_dict post-hook (before
+    qz's builder loads after ``make_model``, so qz drops them from a load_state_dict post-hook (before
     fusion and prepare).
     """
 
@@ -57,64 +57,56 @@ def drop_aux_after_load(model: nn.Module, names: tuple[str, ...]) -> None:
     handle = model.register_load_state_dict_post_hook(hook)
 
 
-def pretrained_kwargs(weights: WeightsArg, weights_enum: type, kwargs: dict[str, Any], aux_default: bool) -> bool:
-    """Applies torchvision's rules for its own weights to ``kwargs``; returns whether aux heads stay.
+def torchvision_weights_rules(aux_default: bool) -> Callable[[BuildContext, dict[str, Any]], None]:
+    """An ``adjust_kwargs`` hook applying torchvision's rules for its own weights.
 
-    With a torchvision weights member: ``transform_input`` defaults to True, the model is built
-    with its auxiliary heads (to load them) and ``init_weights=False``. A checkpoint path loads
-    into the model ``kwargs`` describe, as it is.
+    With a torchvision weights member: ``transform_input`` defaults to True, ``init_weights=False``,
+    and the auxiliary heads stay only if ``aux_logits`` (default ``aux_default``) asks for them. The
+    model is still built with its heads so the checkpoint loads (``load_aux_heads``, not stored in the
+    recipe), then drops them. A checkpoint path loads into the model ``kwargs`` describe, as it is.
     """
-    keep_aux = kwargs.get("aux_logits", aux_default)
-    source = resolve_weights(weights, weights_enum)
-    if source is None or source.enum_member is None:
-        return True
-    kwargs.setdefault("transform_input", True)
-    kwargs["aux_logits"] = True
-    kwargs["init_weights"] = False
-    return keep_aux
+
+    def adjust(context: BuildContext, kwargs: dict[str, Any]) -> None:
+        if context.source is None or context.source.enum_member is None:
+            return
+        kwargs.setdefault("transform_input", True)
+        kwargs["aux_logits"] = kwargs.get("aux_logits", aux_default)
+        kwargs["init_weights"] = False
+        kwargs["load_aux_heads"] = True
+
+    return adjust
 
 
-@register_classifier("googlenet", GoogLeNet_Weights, family="googlenet")
-def googlenet(
-    *,
-    weights: WeightsArg = None,
-    progress: bool = True,
-    quantize: bool = False,
-    is_qat: bool = False,
-    skip_fuse: bool = False,
-    **kwargs: Any,
-) -> QuantizableGoogLeNet:
-    """Quantizable googlenet (torchvision architecture, weights ``GoogLeNet_Weights``).
+def with_aux_heads_for_loading(
+    model_class: Callable[..., nn.Module], heads: tuple[str, ...]
+) -> Callable[..., nn.Module]:
+    """A ``make_model`` that builds ``model_class`` with its auxiliary heads when ``load_aux_heads``.
 
-    As torchvision's builder: with torchvision weights, ``transform_input`` defaults to True and
-    the (untrained) auxiliary heads are dropped unless ``aux_logits=True``.
-
-    Args:
-        weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
-        progress: show a download progress bar.
-        quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
-        is_qat: prepare for quantization-aware training.
-        skip_fuse: leave fusion to the caller.
-        **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``GoogLeNet`` arguments.
+    Without ``aux_logits`` the heads are dropped once the checkpoint has loaded into them.
     """
-    keep_aux = pretrained_kwargs(weights, GoogLeNet_Weights, kwargs, aux_default=False)
 
-    def make_model(**kw: Any) -> QuantizableGoogLeNet:
-        model = QuantizableGoogLeNet(**kw)
-        if not keep_aux:
-            drop_aux_after_load(model, ("aux1", "aux2"))
+    def make_model(*, load_aux_heads: bool = False, **kwargs: Any) -> nn.Module:
+        keep = kwargs.pop("aux_logits", True)
+        model = model_class(aux_logits=keep or load_aux_heads, **kwargs)
+        if load_aux_heads and not keep:
+            drop_aux_after_load(model, heads)
         return model
 
-    model = build_quantizable(
-        make_model,
-        weights=weights,
+    return make_model
+
+
+googlenet = define_model(
+    ModelSpec(
+        name="googlenet",
+        task=TASK,
+        family="googlenet",
+        make_model=with_aux_heads_for_loading(QuantizableGoogLeNet, ("aux1", "aux2")),
         weights_enum=GoogLeNet_Weights,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
+        adjust_kwargs=torchvision_weights_rules(aux_default=False),
+        transient_kwargs=("load_aux_heads",),
+        preprocess=imagenet_preprocess((224, 224)),
+        deployed_ratio_target=ratio_target("googlenet"),
+        description="torchvision's GoogLeNet architecture; with torchvision weights, ``transform_input`` "
+        "defaults to True and the untrained auxiliary heads are dropped unless ``aux_logits=True``",
     )
-    # The recipe rebuilds the model without weights: it must describe the model as it is now.
-    model.qz_recipe["model_kwargs"]["aux_logits"] = model.aux_logits
-    return model
+)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torchvision.models import inception as tv
 from torchvision.models.quantization.inception import (
     QuantizableBasicConv2d,
@@ -15,10 +13,9 @@ from torchvision.models.quantization.inception import (
 )
 from torchvision.models.quantization.inception import QuantizableInception3 as _TvQuantizableInception3
 
-from qz_classification._registry import register_classifier
-from qz_classification.models.googlenet import drop_aux_after_load, pretrained_kwargs
-from qz_core import build_quantizable, fuse_modules
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_classification.models.googlenet import torchvision_weights_rules, with_aux_heads_for_loading
+from qz_core import ModelSpec, define_model, fuse_modules
 
 __all__ = ["QuantizableInception3", "inception_v3"]
 
@@ -50,47 +47,19 @@ class QuantizableInception3(_TvQuantizableInception3):
         fuse_modules(self, groups, is_qat)
 
 
-@register_classifier("inception_v3", tv.Inception_V3_Weights, family="inception", input_size=(299, 299))
-def inception_v3(
-    *,
-    weights: WeightsArg = None,
-    progress: bool = True,
-    quantize: bool = False,
-    is_qat: bool = False,
-    skip_fuse: bool = False,
-    **kwargs: Any,
-) -> QuantizableInception3:
-    """Quantizable inception_v3 (torchvision architecture, weights ``Inception_V3_Weights``).
-
-    As torchvision's builder: with torchvision weights, ``transform_input`` defaults to True and
-    the auxiliary head is kept unless ``aux_logits=False``.
-
-    Args:
-        weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
-        progress: show a download progress bar.
-        quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
-        is_qat: prepare for quantization-aware training.
-        skip_fuse: leave fusion to the caller.
-        **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``Inception3`` arguments.
-    """
-    keep_aux = pretrained_kwargs(weights, tv.Inception_V3_Weights, kwargs, aux_default=True)
-
-    def make_model(**kw: Any) -> QuantizableInception3:
-        model = QuantizableInception3(**kw)
-        if not keep_aux:
-            drop_aux_after_load(model, ("AuxLogits",))
-        return model
-
-    model = build_quantizable(
-        make_model,
-        weights=weights,
+inception_v3 = define_model(
+    ModelSpec(
+        name="inception_v3",
+        task=TASK,
+        family="inception",
+        make_model=with_aux_heads_for_loading(QuantizableInception3, ("AuxLogits",)),
         weights_enum=tv.Inception_V3_Weights,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
+        input_size=(299, 299),
+        adjust_kwargs=torchvision_weights_rules(aux_default=True),
+        transient_kwargs=("load_aux_heads",),
+        preprocess=imagenet_preprocess((299, 299)),
+        deployed_ratio_target=ratio_target("inception"),
+        description="torchvision's Inception3 architecture; with torchvision weights, ``transform_input`` "
+        "defaults to True and the auxiliary head is kept unless ``aux_logits=False``",
     )
-    # The recipe rebuilds the model without weights: it must describe the model as it is now.
-    model.qz_recipe["model_kwargs"]["aux_logits"] = model.aux_logits
-    return model
+)

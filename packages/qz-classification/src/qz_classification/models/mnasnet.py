@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -11,9 +12,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import mnasnet as tv
 from torchvision.models.mnasnet import MNASNet, _InvertedResidual
 
-from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_in_blocks
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, define_model, fuse_in_blocks
 
 __all__ = [
     "QuantizableInvertedResidual",
@@ -90,59 +90,25 @@ class QuantizableMNASNet(MNASNet):
         fuse_in_blocks(self, QuantizableInvertedResidual, level, is_qat)
 
 
-def _mnasnet(
-    alpha: float,
-    weights_enum: type[tv.WeightsEnum],
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
-) -> QuantizableMNASNet:
-    return build_quantizable(
-        lambda **kw: QuantizableMNASNet(alpha, **kw),
-        weights=weights,
-        weights_enum=weights_enum,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
-    )
+_BASE = ModelSpec(
+    name="mnasnet",
+    task=TASK,
+    family="mnasnet",
+    make_model=partial(QuantizableMNASNet, 1.0),
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("mnasnet"),
+    description="torchvision's MNASNet architecture (``num_classes``, ``dropout``)",
+)
 
-
-def _variant(name: str, alpha: float, weights_enum: type[tv.WeightsEnum]):
-    """Defines and registers the public builder ``name`` with the seed signature."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableMNASNet:
-        return _mnasnet(alpha, weights_enum, weights, progress, quantize, is_qat, skip_fuse, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name}, depth multiplier {alpha} (torchvision architecture, weights "
-        f"``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``MNASNet`` arguments "
-        "(``num_classes``, ``dropout``).\n"
-    )
-    return register_classifier(name, weights_enum, family="mnasnet")(builder)
-
-
-mnasnet0_5 = _variant("mnasnet0_5", 0.5, tv.MNASNet0_5_Weights)
-mnasnet0_75 = _variant("mnasnet0_75", 0.75, tv.MNASNet0_75_Weights)
-mnasnet1_0 = _variant("mnasnet1_0", 1.0, tv.MNASNet1_0_Weights)
-mnasnet1_3 = _variant("mnasnet1_3", 1.3, tv.MNASNet1_3_Weights)
+mnasnet0_5 = define_model(
+    _BASE.variant(name="mnasnet0_5", make_model=partial(QuantizableMNASNet, 0.5), weights_enum=tv.MNASNet0_5_Weights)
+)
+mnasnet0_75 = define_model(
+    _BASE.variant(name="mnasnet0_75", make_model=partial(QuantizableMNASNet, 0.75), weights_enum=tv.MNASNet0_75_Weights)
+)
+mnasnet1_0 = define_model(
+    _BASE.variant(name="mnasnet1_0", make_model=partial(QuantizableMNASNet, 1.0), weights_enum=tv.MNASNet1_0_Weights)
+)
+mnasnet1_3 = define_model(
+    _BASE.variant(name="mnasnet1_3", make_model=partial(QuantizableMNASNet, 1.3), weights_enum=tv.MNASNet1_3_Weights)
+)

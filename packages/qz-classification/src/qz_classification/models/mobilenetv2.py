@@ -10,9 +10,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models.mobilenetv2 import InvertedResidual, MobileNet_V2_Weights, MobileNetV2
 from torchvision.ops.misc import Conv2dNormActivation
 
-from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_in_blocks
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, define_model, fuse_in_blocks
 
 __all__ = ["QuantizableInvertedResidual", "QuantizableMobileNetV2", "mobilenet_v2", "relu6_to_relu"]
 
@@ -69,33 +68,14 @@ class QuantizableMobileNetV2(MobileNetV2):
         fuse_in_blocks(self, QuantizableInvertedResidual, level, is_qat, prepare_scope=relu6_to_relu)
 
 
-@register_classifier("mobilenet_v2", MobileNet_V2_Weights, family="mobilenet")
-def mobilenet_v2(
-    *,
-    weights: WeightsArg = None,
-    progress: bool = True,
-    quantize: bool = False,
-    is_qat: bool = False,
-    skip_fuse: bool = False,
-    **kwargs: Any,
-) -> QuantizableMobileNetV2:
-    """Quantizable MobileNetV2 (torchvision architecture, weights ``MobileNet_V2_Weights``).
+_BASE = ModelSpec(
+    name="mobilenet_v2",
+    task=TASK,
+    family="mobilenet",
+    make_model=QuantizableMobileNetV2,
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("mobilenet"),
+    description="torchvision's MobileNetV2 architecture",
+)
 
-    Args:
-        weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
-        progress: show a download progress bar.
-        quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
-        is_qat: prepare for quantization-aware training.
-        skip_fuse: leave fusion to the caller.
-        **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``MobileNetV2`` arguments.
-    """
-    return build_quantizable(
-        QuantizableMobileNetV2,
-        weights=weights,
-        weights_enum=MobileNet_V2_Weights,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
-    )
+mobilenet_v2 = define_model(_BASE.variant(name="mobilenet_v2", weights_enum=MobileNet_V2_Weights))

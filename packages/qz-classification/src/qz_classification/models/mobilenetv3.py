@@ -18,9 +18,8 @@ from torchvision.models.mobilenetv3 import (
     _mobilenet_v3_conf,
 )
 
-from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_modules, sequential_fusion_groups
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, define_model, fuse_modules, sequential_fusion_groups
 from qz_core.fusion import check_fuse_level
 from qz_core.modules import QuantizableSqueezeExcitation
 
@@ -84,93 +83,32 @@ class QuantizableMobileNetV3(MobileNetV3):
         fuse_modules(self, groups, is_qat)
 
 
-def _mobilenet_v3(
-    arch: str,
-    weights_enum: type[MobileNet_V3_Large_Weights | MobileNet_V3_Small_Weights],
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
-) -> QuantizableMobileNetV3:
-    def make_model(**kw: Any) -> QuantizableMobileNetV3:
-        setting, last_channel = _mobilenet_v3_conf(arch, **kw)
-        return QuantizableMobileNetV3(setting, last_channel, **kw)
+def _make_mobilenet_v3(arch: str, **kwargs: Any) -> QuantizableMobileNetV3:
+    setting, last_channel = _mobilenet_v3_conf(arch, **kwargs)
+    return QuantizableMobileNetV3(setting, last_channel, **kwargs)
 
-    return build_quantizable(
-        make_model,
-        weights=weights,
-        weights_enum=weights_enum,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
+
+_BASE = ModelSpec(
+    name="mobilenet_v3",
+    task=TASK,
+    family="mobilenet",
+    make_model=partial(_make_mobilenet_v3, "mobilenet_v3_large"),
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("mobilenet"),
+    description="torchvision's MobileNetV3 architecture (``width_mult``, ``reduced_tail``, ``dilated``)",
+)
+
+mobilenet_v3_large = define_model(
+    _BASE.variant(
+        name="mobilenet_v3_large",
+        make_model=partial(_make_mobilenet_v3, "mobilenet_v3_large"),
+        weights_enum=MobileNet_V3_Large_Weights,
     )
-
-
-@register_classifier("mobilenet_v3_large", MobileNet_V3_Large_Weights, family="mobilenet")
-def mobilenet_v3_large(
-    *,
-    weights: WeightsArg = None,
-    progress: bool = True,
-    quantize: bool = False,
-    is_qat: bool = False,
-    skip_fuse: bool = False,
-    **kwargs: Any,
-) -> QuantizableMobileNetV3:
-    """Quantizable mobilenet_v3_large (torchvision architecture, weights ``MobileNet_V3_Large_Weights``).
-
-    Args:
-        weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
-        progress: show a download progress bar.
-        quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
-        is_qat: prepare for quantization-aware training.
-        skip_fuse: leave fusion to the caller.
-        **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``MobileNetV3`` arguments
-            (``width_mult``, ``reduced_tail``, ``dilated``, ``num_classes``, ``dropout``).
-    """
-    return _mobilenet_v3(
-        "mobilenet_v3_large",
-        MobileNet_V3_Large_Weights,
-        weights,
-        progress,
-        quantize,
-        is_qat,
-        skip_fuse,
-        **kwargs,
+)
+mobilenet_v3_small = define_model(
+    _BASE.variant(
+        name="mobilenet_v3_small",
+        make_model=partial(_make_mobilenet_v3, "mobilenet_v3_small"),
+        weights_enum=MobileNet_V3_Small_Weights,
     )
-
-
-@register_classifier("mobilenet_v3_small", MobileNet_V3_Small_Weights, family="mobilenet")
-def mobilenet_v3_small(
-    *,
-    weights: WeightsArg = None,
-    progress: bool = True,
-    quantize: bool = False,
-    is_qat: bool = False,
-    skip_fuse: bool = False,
-    **kwargs: Any,
-) -> QuantizableMobileNetV3:
-    """Quantizable mobilenet_v3_small (torchvision architecture, weights ``MobileNet_V3_Small_Weights``).
-
-    Args:
-        weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.
-        progress: show a download progress bar.
-        quantize: prepare for quantization (PTQ; QAT with ``is_qat``).
-        is_qat: prepare for quantization-aware training.
-        skip_fuse: leave fusion to the caller.
-        **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``MobileNetV3`` arguments
-            (``width_mult``, ``reduced_tail``, ``dilated``, ``num_classes``, ``dropout``).
-    """
-    return _mobilenet_v3(
-        "mobilenet_v3_small",
-        MobileNet_V3_Small_Weights,
-        weights,
-        progress,
-        quantize,
-        is_qat,
-        skip_fuse,
-        **kwargs,
-    )
+)

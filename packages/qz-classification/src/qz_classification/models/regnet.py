@@ -8,16 +8,17 @@ Every op runs in INT8: conv-bn(-relu) fuse, the residual add-and-ReLU goes throu
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import regnet as tv
 from torchvision.models.regnet import BlockParams, RegNet, ResBottleneckBlock
 
-from qz_classification._registry import define_classifier
-from qz_core import QzError, fuse_modules, sequential_fusion_groups
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, QzError, define_model, fuse_modules, sequential_fusion_groups
 from qz_core.modules import QuantizableSqueezeExcitation
 
 __all__ = [
@@ -93,58 +94,127 @@ class QuantizableRegNet(RegNet):
         fuse_modules(self, groups, is_qat)
 
 
-def _variant(name: str, weights_enum: type, **arch: Any) -> Callable[..., nn.Module]:
-    """Defines and registers the public builder ``name``; ``arch`` are torchvision's BlockParams."""
-    return define_classifier(
-        name,
-        weights_enum,
-        "regnet",
-        lambda **kw: QuantizableRegNet(BlockParams.from_init_params(**arch), **kw),
-        architecture="RegNet",
+def _make_regnet(params: dict[str, Any], **kwargs: Any) -> QuantizableRegNet:
+    return QuantizableRegNet(BlockParams.from_init_params(**params), **kwargs)
+
+
+def _arch(**params: Any) -> Callable[..., QuantizableRegNet]:
+    """torchvision's ``BlockParams.from_init_params`` arguments of one variant."""
+    return partial(_make_regnet, params)
+
+
+_BASE = ModelSpec(
+    name="regnet",
+    task=TASK,
+    family="regnet",
+    make_model=_arch(depth=22, w_0=24, w_a=24.48, w_m=2.54, group_width=16),
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("regnet"),
+    description="torchvision's RegNet architecture",
+)
+
+regnet_y_400mf = define_model(
+    _BASE.variant(
+        name="regnet_y_400mf",
+        make_model=_arch(depth=16, w_0=48, w_a=27.89, w_m=2.09, group_width=8, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_400MF_Weights,
     )
-
-
-# torchvision's BlockParams.from_init_params arguments, variant by variant.
-regnet_y_400mf = _variant(
-    "regnet_y_400mf", tv.RegNet_Y_400MF_Weights, depth=16, w_0=48, w_a=27.89, w_m=2.09, group_width=8, se_ratio=0.25
 )
-regnet_y_800mf = _variant(
-    "regnet_y_800mf", tv.RegNet_Y_800MF_Weights, depth=14, w_0=56, w_a=38.84, w_m=2.4, group_width=16, se_ratio=0.25
+regnet_y_800mf = define_model(
+    _BASE.variant(
+        name="regnet_y_800mf",
+        make_model=_arch(depth=14, w_0=56, w_a=38.84, w_m=2.4, group_width=16, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_800MF_Weights,
+    )
 )
-regnet_y_1_6gf = _variant(
-    "regnet_y_1_6gf", tv.RegNet_Y_1_6GF_Weights, depth=27, w_0=48, w_a=20.71, w_m=2.65, group_width=24, se_ratio=0.25
+regnet_y_1_6gf = define_model(
+    _BASE.variant(
+        name="regnet_y_1_6gf",
+        make_model=_arch(depth=27, w_0=48, w_a=20.71, w_m=2.65, group_width=24, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_1_6GF_Weights,
+    )
 )
-regnet_y_3_2gf = _variant(
-    "regnet_y_3_2gf", tv.RegNet_Y_3_2GF_Weights, depth=21, w_0=80, w_a=42.63, w_m=2.66, group_width=24, se_ratio=0.25
+regnet_y_3_2gf = define_model(
+    _BASE.variant(
+        name="regnet_y_3_2gf",
+        make_model=_arch(depth=21, w_0=80, w_a=42.63, w_m=2.66, group_width=24, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_3_2GF_Weights,
+    )
 )
-regnet_y_8gf = _variant(
-    "regnet_y_8gf", tv.RegNet_Y_8GF_Weights, depth=17, w_0=192, w_a=76.82, w_m=2.19, group_width=56, se_ratio=0.25
+regnet_y_8gf = define_model(
+    _BASE.variant(
+        name="regnet_y_8gf",
+        make_model=_arch(depth=17, w_0=192, w_a=76.82, w_m=2.19, group_width=56, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_8GF_Weights,
+    )
 )
-regnet_y_16gf = _variant(
-    "regnet_y_16gf", tv.RegNet_Y_16GF_Weights, depth=18, w_0=200, w_a=106.23, w_m=2.48, group_width=112, se_ratio=0.25
+regnet_y_16gf = define_model(
+    _BASE.variant(
+        name="regnet_y_16gf",
+        make_model=_arch(depth=18, w_0=200, w_a=106.23, w_m=2.48, group_width=112, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_16GF_Weights,
+    )
 )
-regnet_y_32gf = _variant(
-    "regnet_y_32gf", tv.RegNet_Y_32GF_Weights, depth=20, w_0=232, w_a=115.89, w_m=2.53, group_width=232, se_ratio=0.25
+regnet_y_32gf = define_model(
+    _BASE.variant(
+        name="regnet_y_32gf",
+        make_model=_arch(depth=20, w_0=232, w_a=115.89, w_m=2.53, group_width=232, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_32GF_Weights,
+    )
 )
-regnet_y_128gf = _variant(
-    "regnet_y_128gf", tv.RegNet_Y_128GF_Weights, depth=27, w_0=456, w_a=160.83, w_m=2.52, group_width=264, se_ratio=0.25
+regnet_y_128gf = define_model(
+    _BASE.variant(
+        name="regnet_y_128gf",
+        make_model=_arch(depth=27, w_0=456, w_a=160.83, w_m=2.52, group_width=264, se_ratio=0.25),
+        weights_enum=tv.RegNet_Y_128GF_Weights,
+    )
 )
-regnet_x_400mf = _variant(
-    "regnet_x_400mf", tv.RegNet_X_400MF_Weights, depth=22, w_0=24, w_a=24.48, w_m=2.54, group_width=16
+regnet_x_400mf = define_model(
+    _BASE.variant(
+        name="regnet_x_400mf",
+        make_model=_arch(depth=22, w_0=24, w_a=24.48, w_m=2.54, group_width=16),
+        weights_enum=tv.RegNet_X_400MF_Weights,
+    )
 )
-regnet_x_800mf = _variant(
-    "regnet_x_800mf", tv.RegNet_X_800MF_Weights, depth=16, w_0=56, w_a=35.73, w_m=2.28, group_width=16
+regnet_x_800mf = define_model(
+    _BASE.variant(
+        name="regnet_x_800mf",
+        make_model=_arch(depth=16, w_0=56, w_a=35.73, w_m=2.28, group_width=16),
+        weights_enum=tv.RegNet_X_800MF_Weights,
+    )
 )
-regnet_x_1_6gf = _variant(
-    "regnet_x_1_6gf", tv.RegNet_X_1_6GF_Weights, depth=18, w_0=80, w_a=34.01, w_m=2.25, group_width=24
+regnet_x_1_6gf = define_model(
+    _BASE.variant(
+        name="regnet_x_1_6gf",
+        make_model=_arch(depth=18, w_0=80, w_a=34.01, w_m=2.25, group_width=24),
+        weights_enum=tv.RegNet_X_1_6GF_Weights,
+    )
 )
-regnet_x_3_2gf = _variant(
-    "regnet_x_3_2gf", tv.RegNet_X_3_2GF_Weights, depth=25, w_0=88, w_a=26.31, w_m=2.25, group_width=48
+regnet_x_3_2gf = define_model(
+    _BASE.variant(
+        name="regnet_x_3_2gf",
+        make_model=_arch(depth=25, w_0=88, w_a=26.31, w_m=2.25, group_width=48),
+        weights_enum=tv.RegNet_X_3_2GF_Weights,
+    )
 )
-regnet_x_8gf = _variant("regnet_x_8gf", tv.RegNet_X_8GF_Weights, depth=23, w_0=80, w_a=49.56, w_m=2.88, group_width=120)
-regnet_x_16gf = _variant(
-    "regnet_x_16gf", tv.RegNet_X_16GF_Weights, depth=22, w_0=216, w_a=55.59, w_m=2.1, group_width=128
+regnet_x_8gf = define_model(
+    _BASE.variant(
+        name="regnet_x_8gf",
+        make_model=_arch(depth=23, w_0=80, w_a=49.56, w_m=2.88, group_width=120),
+        weights_enum=tv.RegNet_X_8GF_Weights,
+    )
 )
-regnet_x_32gf = _variant(
-    "regnet_x_32gf", tv.RegNet_X_32GF_Weights, depth=23, w_0=320, w_a=69.86, w_m=2.0, group_width=168
+regnet_x_16gf = define_model(
+    _BASE.variant(
+        name="regnet_x_16gf",
+        make_model=_arch(depth=22, w_0=216, w_a=55.59, w_m=2.1, group_width=128),
+        weights_enum=tv.RegNet_X_16GF_Weights,
+    )
+)
+regnet_x_32gf = define_model(
+    _BASE.variant(
+        name="regnet_x_32gf",
+        make_model=_arch(depth=23, w_0=320, w_a=69.86, w_m=2.0, group_width=168),
+        weights_enum=tv.RegNet_X_32GF_Weights,
+    )
 )

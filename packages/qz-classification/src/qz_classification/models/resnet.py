@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -11,8 +12,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import resnet as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from qz_classification._registry import define_classifier
-from qz_core import fuse_modules
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, define_model, fuse_modules
 
 __all__ = [
     "QuantizableBasicBlock",
@@ -94,31 +95,75 @@ class QuantizableResNet(ResNet):
         fuse_modules(self, groups, is_qat)
 
 
-def _variant(name: str, block: type, layers: list[int], weights_enum: type, **arch: Any) -> Callable[..., nn.Module]:
-    return define_classifier(
-        name,
-        weights_enum,
-        "resnet",
-        lambda **kw: QuantizableResNet(block, layers, **kw),
-        architecture="ResNet",
-        fixed=arch,
-    )
+def _arch(block: type, *layers: int) -> Callable[..., QuantizableResNet]:
+    return partial(QuantizableResNet, block, list(layers))
 
 
 _QB, _QN = QuantizableBasicBlock, QuantizableBottleneck
-resnet18 = _variant("resnet18", _QB, [2, 2, 2, 2], tv.ResNet18_Weights)
-resnet34 = _variant("resnet34", _QB, [3, 4, 6, 3], tv.ResNet34_Weights)
-resnet50 = _variant("resnet50", _QN, [3, 4, 6, 3], tv.ResNet50_Weights)
-resnet101 = _variant("resnet101", _QN, [3, 4, 23, 3], tv.ResNet101_Weights)
-resnet152 = _variant("resnet152", _QN, [3, 8, 36, 3], tv.ResNet152_Weights)
-resnext50_32x4d = _variant(
-    "resnext50_32x4d", _QN, [3, 4, 6, 3], tv.ResNeXt50_32X4D_Weights, groups=32, width_per_group=4
+_BASE = ModelSpec(
+    name="resnet",
+    task=TASK,
+    family="resnet",
+    make_model=_arch(_QB, 2, 2, 2, 2),
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("resnet"),
+    description="torchvision's ResNet architecture",
 )
-resnext101_32x8d = _variant(
-    "resnext101_32x8d", _QN, [3, 4, 23, 3], tv.ResNeXt101_32X8D_Weights, groups=32, width_per_group=8
+_RESNEXT = _BASE.variant(description="torchvision's ResNeXt architecture")
+_WIDE = _BASE.variant(description="torchvision's Wide ResNet architecture")
+
+resnet18 = define_model(
+    _BASE.variant(name="resnet18", make_model=_arch(_QB, 2, 2, 2, 2), weights_enum=tv.ResNet18_Weights)
 )
-resnext101_64x4d = _variant(
-    "resnext101_64x4d", _QN, [3, 4, 23, 3], tv.ResNeXt101_64X4D_Weights, groups=64, width_per_group=4
+resnet34 = define_model(
+    _BASE.variant(name="resnet34", make_model=_arch(_QB, 3, 4, 6, 3), weights_enum=tv.ResNet34_Weights)
 )
-wide_resnet50_2 = _variant("wide_resnet50_2", _QN, [3, 4, 6, 3], tv.Wide_ResNet50_2_Weights, width_per_group=128)
-wide_resnet101_2 = _variant("wide_resnet101_2", _QN, [3, 4, 23, 3], tv.Wide_ResNet101_2_Weights, width_per_group=128)
+resnet50 = define_model(
+    _BASE.variant(name="resnet50", make_model=_arch(_QN, 3, 4, 6, 3), weights_enum=tv.ResNet50_Weights)
+)
+resnet101 = define_model(
+    _BASE.variant(name="resnet101", make_model=_arch(_QN, 3, 4, 23, 3), weights_enum=tv.ResNet101_Weights)
+)
+resnet152 = define_model(
+    _BASE.variant(name="resnet152", make_model=_arch(_QN, 3, 8, 36, 3), weights_enum=tv.ResNet152_Weights)
+)
+resnext50_32x4d = define_model(
+    _RESNEXT.variant(
+        name="resnext50_32x4d",
+        make_model=_arch(_QN, 3, 4, 6, 3),
+        weights_enum=tv.ResNeXt50_32X4D_Weights,
+        fixed_kwargs={"groups": 32, "width_per_group": 4},
+    )
+)
+resnext101_32x8d = define_model(
+    _RESNEXT.variant(
+        name="resnext101_32x8d",
+        make_model=_arch(_QN, 3, 4, 23, 3),
+        weights_enum=tv.ResNeXt101_32X8D_Weights,
+        fixed_kwargs={"groups": 32, "width_per_group": 8},
+    )
+)
+resnext101_64x4d = define_model(
+    _RESNEXT.variant(
+        name="resnext101_64x4d",
+        make_model=_arch(_QN, 3, 4, 23, 3),
+        weights_enum=tv.ResNeXt101_64X4D_Weights,
+        fixed_kwargs={"groups": 64, "width_per_group": 4},
+    )
+)
+wide_resnet50_2 = define_model(
+    _WIDE.variant(
+        name="wide_resnet50_2",
+        make_model=_arch(_QN, 3, 4, 6, 3),
+        weights_enum=tv.Wide_ResNet50_2_Weights,
+        fixed_kwargs={"width_per_group": 128},
+    )
+)
+wide_resnet101_2 = define_model(
+    _WIDE.variant(
+        name="wide_resnet101_2",
+        make_model=_arch(_QN, 3, 4, 23, 3),
+        weights_enum=tv.Wide_ResNet101_2_Weights,
+        fixed_kwargs={"width_per_group": 128},
+    )
+)

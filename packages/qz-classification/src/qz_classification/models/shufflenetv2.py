@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from torch import Tensor
@@ -10,9 +12,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import shufflenetv2 as tv
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2, channel_shuffle
 
-from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_in_blocks
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, define_model, fuse_in_blocks
 
 __all__ = [
     "QuantizableInvertedResidual",
@@ -63,45 +64,43 @@ class QuantizableShuffleNetV2(ShuffleNetV2):
         fuse_in_blocks(self, QuantizableInvertedResidual, level, is_qat)
 
 
-def _variant(name: str, stages_repeats: list[int], stages_out_channels: list[int], weights_enum: type):
-    """Defines and registers the public builder ``name`` with the seed signature."""
+def _arch(stages_out_channels: list[int]) -> Callable[..., QuantizableShuffleNetV2]:
+    return partial(QuantizableShuffleNetV2, [4, 8, 4], stages_out_channels)
 
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableShuffleNetV2:
-        return build_quantizable(
-            lambda **kw: QuantizableShuffleNetV2(stages_repeats, stages_out_channels, **kw),
-            weights=weights,
-            weights_enum=weights_enum,
-            progress=progress,
-            quantize=quantize,
-            is_qat=is_qat,
-            skip_fuse=skip_fuse,
-            **kwargs,
-        )
 
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``ShuffleNetV2`` arguments (``num_classes``).\n"
+_BASE = ModelSpec(
+    name="shufflenet_v2",
+    task=TASK,
+    family="shufflenet",
+    make_model=_arch([24, 116, 232, 464, 1024]),
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("shufflenet"),
+    description="torchvision's ShuffleNetV2 architecture",
+)
+
+shufflenet_v2_x0_5 = define_model(
+    _BASE.variant(
+        name="shufflenet_v2_x0_5", make_model=_arch([24, 48, 96, 192, 1024]), weights_enum=tv.ShuffleNet_V2_X0_5_Weights
     )
-    return register_classifier(name, weights_enum, family="shufflenet")(builder)
-
-
-_REPEATS = [4, 8, 4]
-shufflenet_v2_x0_5 = _variant("shufflenet_v2_x0_5", _REPEATS, [24, 48, 96, 192, 1024], tv.ShuffleNet_V2_X0_5_Weights)
-shufflenet_v2_x1_0 = _variant("shufflenet_v2_x1_0", _REPEATS, [24, 116, 232, 464, 1024], tv.ShuffleNet_V2_X1_0_Weights)
-shufflenet_v2_x1_5 = _variant("shufflenet_v2_x1_5", _REPEATS, [24, 176, 352, 704, 1024], tv.ShuffleNet_V2_X1_5_Weights)
-shufflenet_v2_x2_0 = _variant("shufflenet_v2_x2_0", _REPEATS, [24, 244, 488, 976, 2048], tv.ShuffleNet_V2_X2_0_Weights)
+)
+shufflenet_v2_x1_0 = define_model(
+    _BASE.variant(
+        name="shufflenet_v2_x1_0",
+        make_model=_arch([24, 116, 232, 464, 1024]),
+        weights_enum=tv.ShuffleNet_V2_X1_0_Weights,
+    )
+)
+shufflenet_v2_x1_5 = define_model(
+    _BASE.variant(
+        name="shufflenet_v2_x1_5",
+        make_model=_arch([24, 176, 352, 704, 1024]),
+        weights_enum=tv.ShuffleNet_V2_X1_5_Weights,
+    )
+)
+shufflenet_v2_x2_0 = define_model(
+    _BASE.variant(
+        name="shufflenet_v2_x2_0",
+        make_model=_arch([24, 244, 488, 976, 2048]),
+        weights_enum=tv.ShuffleNet_V2_X2_0_Weights,
+    )
+)

@@ -11,9 +11,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import squeezenet as tv
 from torchvision.models.squeezenet import Fire, SqueezeNet
 
-from qz_classification._registry import register_classifier
-from qz_core import QzError, build_quantizable, fuse_modules, fuse_sequentials
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import ModelSpec, define_model, fuse_modules, fuse_sequentials
 
 __all__ = ["QuantizableFire", "QuantizableSqueezeNet", "squeezenet1_0", "squeezenet1_1"]
 
@@ -77,57 +76,19 @@ class QuantizableSqueezeNet(SqueezeNet):
             fuse_sequentials(self, is_qat)
 
 
-def _squeezenet(
-    version: str,
-    weights_enum: type[tv.WeightsEnum],
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
-) -> QuantizableSqueezeNet:
-    return build_quantizable(
-        lambda **kw: QuantizableSqueezeNet(version, **kw),
-        weights=weights,
-        weights_enum=weights_enum,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        **kwargs,
-    )
+_BASE = ModelSpec(
+    name="squeezenet",
+    task=TASK,
+    family="squeezenet",
+    make_model=QuantizableSqueezeNet,
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("squeezenet"),
+    description="torchvision's SqueezeNet architecture",
+)
 
-
-def _variant(name: str, version: str, weights_enum: type):
-    """Defines and registers the public builder ``name`` with the seed signature."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableSqueezeNet:
-        if "version" in kwargs:
-            raise QzError(f"{name} has version {version!r}; do not pass version=.")
-        return _squeezenet(version, weights_enum, weights, progress, quantize, is_qat, skip_fuse, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``SqueezeNet`` arguments.\n"
-    )
-    return register_classifier(name, weights_enum, family="squeezenet")(builder)
-
-
-squeezenet1_0 = _variant("squeezenet1_0", "1_0", tv.SqueezeNet1_0_Weights)
-squeezenet1_1 = _variant("squeezenet1_1", "1_1", tv.SqueezeNet1_1_Weights)
+squeezenet1_0 = define_model(
+    _BASE.variant(name="squeezenet1_0", weights_enum=tv.SqueezeNet1_0_Weights, fixed_kwargs={"version": "1_0"})
+)
+squeezenet1_1 = define_model(
+    _BASE.variant(name="squeezenet1_1", weights_enum=tv.SqueezeNet1_1_Weights, fixed_kwargs={"version": "1_1"})
+)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,9 +12,8 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import vgg as tv
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
-from qz_classification._registry import register_classifier
-from qz_core import build_quantizable, fuse_sequentials, resolve_weights
-from qz_core.builder import WeightsArg
+from qz_classification._common import TASK, imagenet_preprocess, ratio_target
+from qz_core import BuildContext, ModelSpec, define_model, fuse_sequentials
 
 __all__ = [
     "QuantizableVGG",
@@ -58,68 +59,39 @@ class QuantizableVGG(VGG):
             fuse_sequentials(self.classifier, is_qat)
 
 
-def _vgg(
-    cfg: str,
-    batch_norm: bool,
-    weights_enum: type[tv.WeightsEnum],
-    weights: WeightsArg,
-    progress: bool,
-    quantize: bool,
-    is_qat: bool,
-    skip_fuse: bool,
-    **kwargs: Any,
-) -> QuantizableVGG:
-    source = resolve_weights(weights, weights_enum)
-    if source is not None:
-        kwargs.setdefault("init_weights", False)  # as torchvision: the weights overwrite the init anyway
-    # Weights without categories (VGG16 IMAGENET1K_FEATURES) keep the given num_classes, as in torchvision.
-    has_categories = source is not None and source.meta.get("categories") is not None
-    return build_quantizable(
-        lambda **kw: QuantizableVGG(make_layers(cfgs[cfg], batch_norm=batch_norm), **kw),
-        weights=weights,
-        weights_enum=weights_enum,
-        progress=progress,
-        quantize=quantize,
-        is_qat=is_qat,
-        skip_fuse=skip_fuse,
-        set_num_classes=source is None or has_categories,
-        **kwargs,
-    )
+def _make_vgg(cfg: str, batch_norm: bool, **kwargs: Any) -> QuantizableVGG:
+    return QuantizableVGG(make_layers(cfgs[cfg], batch_norm=batch_norm), **kwargs)
 
 
-def _variant(name: str, cfg: str, batch_norm: bool, weights_enum: type):
-    """Defines and registers the public builder ``name`` with the seed signature."""
-
-    def builder(
-        *,
-        weights: WeightsArg = None,
-        progress: bool = True,
-        quantize: bool = False,
-        is_qat: bool = False,
-        skip_fuse: bool = False,
-        **kwargs: Any,
-    ) -> QuantizableVGG:
-        return _vgg(cfg, batch_norm, weights_enum, weights, progress, quantize, is_qat, skip_fuse, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (
-        f"Quantizable {name} (torchvision architecture, weights ``{weights_enum.__name__}``).\n\n"
-        "Args:\n"
-        "    weights: None, a weights enum member or name (``'DEFAULT'``), or a checkpoint path.\n"
-        "    progress: show a download progress bar.\n"
-        "    quantize: prepare for quantization (PTQ; QAT with ``is_qat``).\n"
-        "    is_qat: prepare for quantization-aware training.\n"
-        "    skip_fuse: leave fusion to the caller.\n"
-        "    **kwargs: ``qz_core.QuantOptions`` fields and torchvision ``VGG`` arguments.\n"
-    )
-    return register_classifier(name, weights_enum, family="vgg")(builder)
+def _arch(cfg: str, batch_norm: bool) -> Callable[..., QuantizableVGG]:
+    return partial(_make_vgg, cfg, batch_norm)
 
 
-vgg11 = _variant("vgg11", "A", False, tv.VGG11_Weights)
-vgg11_bn = _variant("vgg11_bn", "A", True, tv.VGG11_BN_Weights)
-vgg13 = _variant("vgg13", "B", False, tv.VGG13_Weights)
-vgg13_bn = _variant("vgg13_bn", "B", True, tv.VGG13_BN_Weights)
-vgg16 = _variant("vgg16", "D", False, tv.VGG16_Weights)
-vgg16_bn = _variant("vgg16_bn", "D", True, tv.VGG16_BN_Weights)
-vgg19 = _variant("vgg19", "E", False, tv.VGG19_Weights)
-vgg19_bn = _variant("vgg19_bn", "E", True, tv.VGG19_BN_Weights)
+def _skip_init_when_loading(context: BuildContext, kwargs: dict[str, Any]) -> None:
+    """As torchvision: weights overwrite the initialization, so it is skipped.
+
+    Weights without categories (VGG16 IMAGENET1K_FEATURES) keep the given ``num_classes``, as in torchvision.
+    """
+    if context.source is not None:
+        kwargs.setdefault("init_weights", False)
+
+
+_BASE = ModelSpec(
+    name="vgg",
+    task=TASK,
+    family="vgg",
+    make_model=_arch("A", False),
+    adjust_kwargs=_skip_init_when_loading,
+    preprocess=imagenet_preprocess((224, 224)),
+    deployed_ratio_target=ratio_target("vgg"),
+    description="torchvision's VGG architecture",
+)
+
+vgg11 = define_model(_BASE.variant(name="vgg11", make_model=_arch("A", False), weights_enum=tv.VGG11_Weights))
+vgg11_bn = define_model(_BASE.variant(name="vgg11_bn", make_model=_arch("A", True), weights_enum=tv.VGG11_BN_Weights))
+vgg13 = define_model(_BASE.variant(name="vgg13", make_model=_arch("B", False), weights_enum=tv.VGG13_Weights))
+vgg13_bn = define_model(_BASE.variant(name="vgg13_bn", make_model=_arch("B", True), weights_enum=tv.VGG13_BN_Weights))
+vgg16 = define_model(_BASE.variant(name="vgg16", make_model=_arch("D", False), weights_enum=tv.VGG16_Weights))
+vgg16_bn = define_model(_BASE.variant(name="vgg16_bn", make_model=_arch("D", True), weights_enum=tv.VGG16_BN_Weights))
+vgg19 = define_model(_BASE.variant(name="vgg19", make_model=_arch("E", False), weights_enum=tv.VGG19_Weights))
+vgg19_bn = define_model(_BASE.variant(name="vgg19_bn", make_model=_arch("E", True), weights_enum=tv.VGG19_BN_Weights))
