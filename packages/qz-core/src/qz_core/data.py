@@ -68,18 +68,19 @@ class VisibleImageFolder(ImageFolder):
     """torchvision's ImageFolder without hidden class folders and files, reading images with ``read_rgb``."""
 
     def __init__(self, root: str, transform: Callable[[Image.Image], Any] | None = None) -> None:
-        super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=_visible_image)
+        self._root_path = Path(root)
+        super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=self._visible_image)
+
+    def _visible_image(self, path: str) -> bool:
+        file = Path(path)
+        parts = file.relative_to(self._root_path).parts
+        return file.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in parts)
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: i for i, name in enumerate(classes)}
-
-
-def _visible_image(path: str) -> bool:
-    file = Path(path)
-    return file.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(file)
 
 
 def check_dir(path: str | os.PathLike, purpose: str) -> Path:
@@ -113,7 +114,8 @@ def image_dataset(
             raise QzError(f"The {purpose} folder {str(root)!r}: {exc}") from None
     if labeled:
         raise QzError(
-            f"The {purpose} folder {str(root)!r} needs one subfolder per class (ImageFolder layout) for labels."
+            f"The {purpose} folder {str(root)!r} has no class folders: labels come from DIR/CLASS/IMAGE.jpg "
+            "(ImageFolder layout)."
         )
     dataset = FlatImageFolder(root, transform)
     if len(dataset) == 0:
