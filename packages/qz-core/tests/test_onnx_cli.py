@@ -256,3 +256,21 @@ def test_a_failed_save_keeps_the_previous_model(checkpoint, tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left"):
         qz_core.save_quantized(int8, out)
     assert out.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, tmp_path, capsys):
+    def interrupted(request):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qz_core.cli.models.quantize_model", interrupted)
+    args = ["quantize", TINY, "--calib", str(_images(tmp_path / "calib")), "--out", str(tmp_path / "o.pt")]
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip() == "qz: interrupted"
+
+
+def test_version_and_list_count_on_stdout(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"qz {qz_core.__version__}"
+    assert main(["list", "qz_test_*"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "1 model"

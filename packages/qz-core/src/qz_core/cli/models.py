@@ -32,7 +32,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for spec in specs:
         weights = spec.weights_enum.__name__ if spec.weights_enum else "checkpoint file"
         print(f"{spec.name:{width}s}{spec.task:16s}{spec.family:14s}{weights}")
-    print(f"{len(names)} models")
+    print(f"{len(names)} model{'' if len(names) == 1 else 's'}")
     return 0
 
 
