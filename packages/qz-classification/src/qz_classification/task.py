@@ -166,24 +166,14 @@ class ClassificationTask(Task):
 
 def _run_eval(args: argparse.Namespace) -> int:
     from qz_classification.evaluate import evaluate_classifier
-    from qz_core.cli.evaluation import report_eval
+    from qz_core.cli.evaluation import report_eval, shared_eval_options
 
     result = evaluate_classifier(
         args.model,
-        data=args.data,
-        weights=args.weights,
-        quantize=args.quantize,
-        int8=args.int8,
         calib=args.calib,
-        calib_batches=args.calib_batches,
-        backend=args.backend,
-        activation_observer=args.activation_observer,
         batch_size=args.batch_size,
-        workers=args.workers,
-        limit=args.limit,
         class_index=args.class_index,
-        num_classes=args.num_classes,
-        progress=not args.no_progress,
+        **shared_eval_options(args),
     )
     return report_eval(result, args.json)
 

@@ -21,7 +21,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes
 
 from qz_core import ModelSpec, Task
-from qz_core.cli.evaluation import add_eval_arguments, report_eval
+from qz_core.cli.evaluation import add_eval_arguments, report_eval, shared_eval_options
 from qz_detection.coco import LABEL_MAPS
 from qz_detection.data import CALIBRATION_LAYOUTS, TRAINING_LAYOUTS, PhotoFolder, Transform, training_dataset
 from qz_detection.detector import Detection, DetectionBatch, as_detector, random_targets, stack_or_list
@@ -146,22 +146,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_detector(
         args.model,
-        data=args.data,
         split=args.split,
         annotations=args.annotations,
-        weights=args.weights,
-        quantize=args.quantize,
-        int8=args.int8,
         calib_images=args.calib_images,
-        calib_batches=args.calib_batches,
-        backend=args.backend,
-        activation_observer=args.activation_observer,
-        limit=args.limit,
-        num_classes=args.num_classes,
         label_map=args.label_map,
         image_size=args.image_size,
-        workers=args.workers,
-        progress=not args.no_progress,
+        **shared_eval_options(args),
     )
     return report_eval(result, args.json)
 

@@ -235,25 +235,15 @@ class SegmentationTask(Task):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from qz_core.cli.evaluation import report_eval
+    from qz_core.cli.evaluation import report_eval, shared_eval_options
     from qz_segmentation.evaluate import evaluate_segmenter
 
     result = evaluate_segmenter(
         args.model,
-        data=args.data,
         split=args.split,
-        weights=args.weights,
-        quantize=args.quantize,
-        int8=args.int8,
         calib_split=args.calib_split,
-        calib_batches=args.calib_batches,
-        backend=args.backend,
-        activation_observer=args.activation_observer,
-        limit=args.limit,
-        num_classes=args.num_classes,
         aux_loss=True if args.aux_loss else None,
-        workers=args.workers,
-        progress=not args.no_progress,
+        **shared_eval_options(args),
     )
     return report_eval(result, args.json)
 

@@ -36,6 +36,23 @@ def add_eval_arguments(p: argparse.ArgumentParser, *, task: str, weights_help: s
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def shared_eval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluator keywords every task takes from ``add_eval_arguments``'s options (the model name aside)."""
+    return {
+        "data": args.data,
+        "weights": args.weights,
+        "quantize": args.quantize,
+        "int8": args.int8,
+        "calib_batches": args.calib_batches,
+        "backend": args.backend,
+        "activation_observer": args.activation_observer,
+        "limit": args.limit,
+        "num_classes": args.num_classes,
+        "workers": args.workers,
+        "progress": not args.no_progress,
+    }
+
+
 def report_eval(result: Any, json_target: str | None) -> int:
     """Prints ``result.table()`` and, if asked, ``result.to_dict()`` as JSON to a file or ('-') stdout.
 
