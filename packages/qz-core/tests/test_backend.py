@@ -65,7 +65,7 @@ def test_unknown_observer_names_choices():
 
 
 def test_full_range_activations_on_x86_are_refused_with_the_reason():
-    with pytest.raises(QzError, match=r"full 8-bit range.*saturate.*80% -> 25%"):
+    with pytest.raises(QzError, match=r"full 8-bit range.*saturate.*80% to 25%"):
         make_qconfig("x86", reduce_range=False)
     with pytest.raises(QzError, match="saturate"):
         make_qconfig("x86", is_qat=True, activation="minmax", reduce_range=False)

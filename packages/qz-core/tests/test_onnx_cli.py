@@ -272,5 +272,5 @@ def test_version_and_list_count_on_stdout(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"qz {qz_core.__version__}"
-    assert main(["list", "qz_test_*"]) == 0
+    assert main(["list", TINY]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "1 model"
