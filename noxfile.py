@@ -57,13 +57,44 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", str(ROOT), *session.posargs)
 
 
+DEMO_PACKAGES = {
+    "classification": ["qz-core", "qz-classification[demo]"],
+    "detection": ["qz-core", "qz-classification[demo]", "qz-detection"],
+    "segmentation": ["qz-core", "qz-classification[demo]", "qz-segmentation"],
+}
+# Detection and segmentation draw their digit canvases over scikit-image's bundled photos.
+DEMO_EXTRAS = {"detection": ["scikit-image", "tabulate"], "segmentation": ["scikit-image", "tabulate"]}
+
+
+def _demo_task(posargs: list[str]) -> str:
+    """The task named by ``--task NAME`` (or ``--task=NAME``) in the session's args; classification by default."""
+    for i, arg in enumerate(posargs):
+        if arg == "--task" and i + 1 < len(posargs):
+            return posargs[i + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return "classification"
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
-    """FP32 vs INT8 PTQ vs INT8 QAT ResNet-18 on scikit-learn's real digits (args go to 'qz demo')."""
-    session.install(
-        *CONSTRAINTS, "-e", str(ROOT / "packages" / "qz-core"), "-e", f"{ROOT / 'packages' / 'qz-classification'}[demo]"
-    )
+    """FP32 vs INT8 PTQ vs INT8 QAT on real digits: `-- --task detection|segmentation` (default classification).
+
+    Classification trains a ResNet-18 on scikit-learn's digits; detection (YOLOv5n, box mAP) and segmentation
+    (LRASPP, mIoU) train on canvases of those digits over scikit-image photos. The args go to 'qz demo'.
+    """
+    task = _demo_task(session.posargs)
+    if task not in DEMO_PACKAGES:
+        session.error(f"Invalid --task {task!r}. Valid tasks: {', '.join(DEMO_PACKAGES)}.")
+    editable = [arg for name in DEMO_PACKAGES[task] for arg in ("-e", _package_path(name))]
+    session.install(*CONSTRAINTS, *editable, *DEMO_EXTRAS.get(task, []))
     session.run("qz", "demo", *session.posargs, env=ENV)
+
+
+def _package_path(name: str) -> str:
+    """``qz-x[extra]`` -> the path of packages/qz-x with its ``[extra]``."""
+    package, _, extra = name.partition("[")
+    return str(ROOT / "packages" / package) + (f"[{extra}" if extra else "")
 
 
 @nox.session

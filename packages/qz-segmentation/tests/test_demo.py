@@ -81,3 +81,24 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert len(result.predictions) == 4 and all(p.is_file() and p.suffix == ".png" for p in result.predictions)
     out = capsys.readouterr().out
     assert "mIoU" in out and "INT8 PTQ" in out and "drop vs FP32" in out
+
+
+def test_table_drops_and_ratios_are_against_fp32(monkeypatch):
+    import builtins
+
+    from qz_classification.digits_canvas import DemoResult, DemoRow
+
+    rows = [DemoRow("FP32", 0.5, 12.0, 10.0), DemoRow("INT8 PTQ", 0.45, 3.0, 5.0), DemoRow("INT8 QAT", 0.5, 3.0, 4.0)]
+    result = DemoResult("segmentation", "m", "mIoU", rows, {}, *[None] * 3, [])
+    assert result.ptq_drop == pytest.approx(0.05) and result.qat_drop == 0
+    real_import = builtins.__import__
+
+    def no_tabulate(name, *args, **kwargs):
+        if name == "tabulate":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tabulate)
+    lines = result.table().splitlines()
+    assert lines[0].split()[:2] == ["precision", "mIoU"] and "drop vs FP32" in lines[0]
+    assert lines[2].split() == ["INT8", "PTQ", "0.4500", "+0.0500", "3.00", "0.25", "5.00", "0.50"]
