@@ -62,8 +62,6 @@ DEMO_PACKAGES = {
     "detection": ["qz-core", "qz-classification[demo]", "qz-detection"],
     "segmentation": ["qz-core", "qz-classification[demo]", "qz-segmentation"],
 }
-# Detection and segmentation draw their digit canvases over scikit-image's bundled photos.
-DEMO_EXTRAS = {"detection": ["scikit-image", "tabulate"], "segmentation": ["scikit-image", "tabulate"]}
 
 
 def _demo_task(posargs: list[str]) -> str:
@@ -87,7 +85,7 @@ def demo(session: nox.Session) -> None:
     if task not in DEMO_PACKAGES:
         session.error(f"Invalid --task {task!r}. Valid tasks: {', '.join(DEMO_PACKAGES)}.")
     editable = [arg for name in DEMO_PACKAGES[task] for arg in ("-e", _package_path(name))]
-    session.install(*CONSTRAINTS, *editable, *DEMO_EXTRAS.get(task, []))
+    session.install(*CONSTRAINTS, *editable)
     session.run("qz", "demo", *session.posargs, env=ENV)
 
 

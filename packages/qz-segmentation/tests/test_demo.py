@@ -86,7 +86,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
 def test_table_drops_and_ratios_are_against_fp32(monkeypatch):
     import builtins
 
-    from qz_classification.digits_canvas import DemoResult, DemoRow
+    from qz_classification.canvas_demo import DemoResult, DemoRow
 
     rows = [DemoRow("FP32", 0.5, 12.0, 10.0), DemoRow("INT8 PTQ", 0.45, 3.0, 5.0), DemoRow("INT8 QAT", 0.5, 3.0, 4.0)]
     result = DemoResult("segmentation", "m", "mIoU", rows, {}, *[None] * 3, [])

@@ -18,13 +18,8 @@ from pathlib import Path
 from PIL import Image
 from torch import nn
 
-from qz_classification.digits_canvas import (
-    NUM_DIGITS,
-    CanvasDemo,
-    DemoResult,
-    add_canvas_demo_arguments,
-    run_canvas_demo,
-)
+from qz_classification.canvas_demo import CanvasDemo, DemoResult, add_canvas_demo_arguments, run_canvas_demo
+from qz_classification.digits_canvas import NUM_DIGITS
 from qz_core import ModelSpec, QzError, Task
 from qz_core.task import Transform
 

@@ -17,13 +17,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from qz_classification.digits_canvas import (
-    NUM_DIGITS,
-    CanvasDemo,
-    DemoResult,
-    add_canvas_demo_arguments,
-    run_canvas_demo,
-)
+from qz_classification.canvas_demo import CanvasDemo, DemoResult, add_canvas_demo_arguments, run_canvas_demo
+from qz_classification.digits_canvas import NUM_DIGITS
 from qz_core import ModelSpec, Task
 from qz_core.task import Transform
 from qz_segmentation.evaluate import confusion_matrix, logits_of

@@ -129,7 +129,7 @@ _BASE = ModelSpec(
 )
 
 
-def _variant(
+def _spec(
     name: str,
     weights_enum: type[tv.WeightsEnum],
     dropout: float,
@@ -152,29 +152,29 @@ _BN_B5 = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
 _BN_V2 = partial(nn.BatchNorm2d, eps=1e-03)
 
 efficientnet_b0 = define_model(
-    _variant("efficientnet_b0", tv.EfficientNet_B0_Weights, 0.2, 224, width_mult=1.0, depth_mult=1.0)
+    _spec("efficientnet_b0", tv.EfficientNet_B0_Weights, 0.2, 224, width_mult=1.0, depth_mult=1.0)
 )
 efficientnet_b1 = define_model(
-    _variant("efficientnet_b1", tv.EfficientNet_B1_Weights, 0.2, 240, width_mult=1.0, depth_mult=1.1)
+    _spec("efficientnet_b1", tv.EfficientNet_B1_Weights, 0.2, 240, width_mult=1.0, depth_mult=1.1)
 )
 efficientnet_b2 = define_model(
-    _variant("efficientnet_b2", tv.EfficientNet_B2_Weights, 0.3, 288, width_mult=1.1, depth_mult=1.2)
+    _spec("efficientnet_b2", tv.EfficientNet_B2_Weights, 0.3, 288, width_mult=1.1, depth_mult=1.2)
 )
 efficientnet_b3 = define_model(
-    _variant("efficientnet_b3", tv.EfficientNet_B3_Weights, 0.3, 300, width_mult=1.2, depth_mult=1.4)
+    _spec("efficientnet_b3", tv.EfficientNet_B3_Weights, 0.3, 300, width_mult=1.2, depth_mult=1.4)
 )
 efficientnet_b4 = define_model(
-    _variant("efficientnet_b4", tv.EfficientNet_B4_Weights, 0.4, 380, width_mult=1.4, depth_mult=1.8)
+    _spec("efficientnet_b4", tv.EfficientNet_B4_Weights, 0.4, 380, width_mult=1.4, depth_mult=1.8)
 )
 efficientnet_b5 = define_model(
-    _variant("efficientnet_b5", tv.EfficientNet_B5_Weights, 0.4, 456, _BN_B5, width_mult=1.6, depth_mult=2.2)
+    _spec("efficientnet_b5", tv.EfficientNet_B5_Weights, 0.4, 456, _BN_B5, width_mult=1.6, depth_mult=2.2)
 )
 efficientnet_b6 = define_model(
-    _variant("efficientnet_b6", tv.EfficientNet_B6_Weights, 0.5, 528, _BN_B5, width_mult=1.8, depth_mult=2.6)
+    _spec("efficientnet_b6", tv.EfficientNet_B6_Weights, 0.5, 528, _BN_B5, width_mult=1.8, depth_mult=2.6)
 )
 efficientnet_b7 = define_model(
-    _variant("efficientnet_b7", tv.EfficientNet_B7_Weights, 0.5, 600, _BN_B5, width_mult=2.0, depth_mult=3.1)
+    _spec("efficientnet_b7", tv.EfficientNet_B7_Weights, 0.5, 600, _BN_B5, width_mult=2.0, depth_mult=3.1)
 )
-efficientnet_v2_s = define_model(_variant("efficientnet_v2_s", tv.EfficientNet_V2_S_Weights, 0.2, 384, _BN_V2))
-efficientnet_v2_m = define_model(_variant("efficientnet_v2_m", tv.EfficientNet_V2_M_Weights, 0.3, 480, _BN_V2))
-efficientnet_v2_l = define_model(_variant("efficientnet_v2_l", tv.EfficientNet_V2_L_Weights, 0.4, 480, _BN_V2))
+efficientnet_v2_s = define_model(_spec("efficientnet_v2_s", tv.EfficientNet_V2_S_Weights, 0.2, 384, _BN_V2))
+efficientnet_v2_m = define_model(_spec("efficientnet_v2_m", tv.EfficientNet_V2_M_Weights, 0.3, 480, _BN_V2))
+efficientnet_v2_l = define_model(_spec("efficientnet_v2_l", tv.EfficientNet_V2_L_Weights, 0.4, 480, _BN_V2))

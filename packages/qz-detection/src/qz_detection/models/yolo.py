@@ -131,16 +131,16 @@ _BASE = ModelSpec(
 )
 
 
-def _variant(name: str, cfg: str, description: str) -> ModelSpec:
+def _spec(name: str, cfg: str, description: str) -> ModelSpec:
     return _BASE.variant(name=name, fixed_kwargs={"cfg": cfg}, description=f"{description} (ultralytics {cfg})")
 
 
-yolov3 = define_model(_variant("yolov3", "yolov3.yaml", "YOLOv3u"))
-yolov3_spp = define_model(_variant("yolov3_spp", "yolov3-spp.yaml", "YOLOv3u-SPP"))
-yolov3_tiny = define_model(_variant("yolov3_tiny", "yolov3-tiny.yaml", "YOLOv3u-tiny"))
+yolov3 = define_model(_spec("yolov3", "yolov3.yaml", "YOLOv3u"))
+yolov3_spp = define_model(_spec("yolov3_spp", "yolov3-spp.yaml", "YOLOv3u-SPP"))
+yolov3_tiny = define_model(_spec("yolov3_tiny", "yolov3-tiny.yaml", "YOLOv3u-tiny"))
 # The scale letter in the file name picks depth, width and max channels from yolov5.yaml's `scales`.
 yolov5n = define_model(_BASE)
-yolov5s = define_model(_variant("yolov5s", "yolov5s.yaml", "YOLOv5u small"))
-yolov5m = define_model(_variant("yolov5m", "yolov5m.yaml", "YOLOv5u medium"))
-yolov5l = define_model(_variant("yolov5l", "yolov5l.yaml", "YOLOv5u large"))
-yolov5x = define_model(_variant("yolov5x", "yolov5x.yaml", "YOLOv5u extra large"))
+yolov5s = define_model(_spec("yolov5s", "yolov5s.yaml", "YOLOv5u small"))
+yolov5m = define_model(_spec("yolov5m", "yolov5m.yaml", "YOLOv5u medium"))
+yolov5l = define_model(_spec("yolov5l", "yolov5l.yaml", "YOLOv5u large"))
+yolov5x = define_model(_spec("yolov5x", "yolov5x.yaml", "YOLOv5u extra large"))
