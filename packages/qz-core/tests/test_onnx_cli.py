@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 import qz_core
+import qz_core.job
 from qz_core import QzError
 from qz_core.cli import main
 
-import qz_core.job
 from conftest import TINY, random_batches
 
 
