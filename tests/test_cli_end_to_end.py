@@ -140,3 +140,28 @@ def test_using_a_model_of_every_task_leaves_torch_and_pil_alone():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "True"]
+
+
+@pytest.fixture(scope="module")
+def digit_canvases(tmp_path_factory) -> dict[str, Path]:
+    """Real handwritten digits on small canvases: COCO json, YOLO txt and image/mask pairs in one folder."""
+    from qz_classification.digits_canvas import CanvasConfig, write_digits_canvas
+
+    config = CanvasConfig(num_train=6, num_val=2, size=64, digit_size=(10, 24), seed=1)
+    return write_digits_canvas(tmp_path_factory.mktemp("canvases") / "digits", config)
+
+
+@pytest.mark.parametrize("model", ["ssdlite320_mobilenet_v3_large", "lraspp_mobilenet_v3_large"])
+def test_qat_from_the_command_line_on_labelled_folders(model, digit_canvases, tmp_path):
+    weights = _torchvision_checkpoint(tmp_path, model, weights_backbone=None, num_classes=11)
+    out = tmp_path / f"{model}_qat.pt"
+    result = _qz(
+        "quantize", model, "--weights", str(weights), "--num-classes", "11", "--qat",
+        "--train", str(digit_canvases["train"]), "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
+        "--out", str(out), "--workers", "0", "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "QAT, 1 epoch(s), loss" in result.stdout and "Traceback" not in result.stderr
+    int8 = qz_core.load_quantized(out)
+    recipe = qz_core.recipe_of(int8)
+    assert recipe.is_qat and recipe.model_kwargs["num_classes"] == 11 and qz_core.is_quantized(int8)
