@@ -132,11 +132,9 @@ class DetectionTask(Task):
         parser.set_defaults(func=_run_eval)
 
     def add_demo_command(self, parser: argparse.ArgumentParser) -> bool:
-        """``qz demo --task detection`` (``qz_detection.demo``)."""
-        try:
-            from qz_detection.demo import add_demo_arguments
-        except ImportError:
-            return False
+        """``qz demo --task detection``: digit canvases, FP32 vs INT8 PTQ vs INT8 QAT (qz_detection.demo)."""
+        from qz_detection.demo import add_demo_arguments
+
         add_demo_arguments(parser)
         return True
 
