@@ -142,9 +142,13 @@ def test_predict_and_draw_on_a_real_photo():
     boxes = prediction["boxes"]
     assert boxes.shape == (5, 4) and prediction["labels"].shape == prediction["scores"].shape == (5,)
     assert (boxes[:, 0::2] <= bus.width).all() and (boxes[:, 1::2] <= bus.height).all() and (boxes >= 0).all()
-    picture = TASK.draw(bus, prediction, [f"class{i}" for i in range(80)], "yolov5n FP32")
+    names = [f"class{i}" for i in range(80)]
+    confident = dict(prediction, scores=torch.full((5,), 0.9))
+    picture = TASK.draw(bus, confident, names, "yolov5n FP32")
     assert picture.size == (bus.width, bus.height + 28)
     assert not np.array_equal(np.asarray(picture)[28:], np.asarray(bus.convert("RGB")))
+    unsure = TASK.draw(bus, dict(prediction, scores=torch.full((5,), 0.1)), names, "yolov5n FP32")
+    assert np.array_equal(np.asarray(unsure)[28:], np.asarray(bus.convert("RGB")))  # below the drawing threshold
 
     model = qz_core.get_model("ssdlite320_mobilenet_v3_large")
     spec = qz_core.get_model_spec("ssdlite320_mobilenet_v3_large")
@@ -152,7 +156,7 @@ def test_predict_and_draw_on_a_real_photo():
     predictions = TASK.predict(model, [bus, small], TASK.transform(spec, None))
     assert len(predictions) == 2 and all(set(p) == {"boxes", "labels", "scores"} for p in predictions)
     assert (predictions[1]["boxes"][:, 0::2] <= 200 + 1e-3).all()
-    assert TASK.draw(small, predictions[1], None, "ssdlite").size == (200, 266 + 28)
+    assert TASK.draw(small, predictions[1], None, "ssdlite").size == (361, 480 + 28)  # enlarged to be legible
 
 
 def test_export_module_and_example_training_batch_per_model_kind():

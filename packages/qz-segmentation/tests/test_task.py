@@ -132,12 +132,14 @@ def test_predict_and_draw_at_the_photo_size(spec, transform):
     assert prediction.shape == (300, 451) and prediction.dtype == torch.int64
     categories = LRASPP_MobileNet_V3_Large_Weights.DEFAULT.meta["categories"]
     picture = TASK.draw(photo, prediction, categories, "lraspp_mobilenet_v3_large")
-    assert picture.size == photo.size and picture.mode == "RGB"
-    cat = torch.zeros(300, 451, dtype=torch.int64)
-    cat[100:200, 150:300] = 8  # 'cat'
-    drawn = np.asarray(TASK.draw(photo, cat, categories, "a cat"), dtype=np.int64)
-    assert np.abs(drawn[150, 225] - np.asarray(photo)[150, 225]).sum() > 30  # painted
-    assert np.array_equal(drawn[150, 50], np.asarray(photo)[150, 50])  # background left clear
+    assert picture.size == (480, 319) and picture.mode == "RGB"  # small photos are enlarged to be legible
+    large = photo.resize((902, 600))
+    cat = torch.zeros(600, 902, dtype=torch.int64)
+    cat[200:400, 300:600] = 8  # 'cat'
+    drawn = np.asarray(TASK.draw(large, cat, categories, "a cat"), dtype=np.int64)
+    assert drawn.shape == (600, 902, 3)  # large enough: drawn at its own size
+    assert np.abs(drawn[300, 450] - np.asarray(large)[300, 450]).sum() > 30  # painted
+    assert np.array_equal(drawn[300, 100], np.asarray(large)[300, 100])  # background left clear
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(SegmentationLogits(model)(x), model(x)["out"])

@@ -192,6 +192,9 @@ def export_onnx(
                 # qz uses the TorchScript exporter on purpose: the dynamo one cannot take quantized models.
                 warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                warnings.filterwarnings(
+                    "ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning
+                )
                 torch.onnx.export(
                     exported,
                     inputs,

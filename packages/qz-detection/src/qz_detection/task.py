@@ -27,6 +27,21 @@ from qz_detection.data import CALIBRATION_LAYOUTS, TRAINING_LAYOUTS, PhotoFolder
 from qz_detection.detector import Detection, DetectionBatch, as_detector, random_targets, stack_or_list
 
 TITLE_HEIGHT = 28
+DRAW_MIN_SCORE = 0.3
+DRAW_MIN_SIDE = 480
+# Distinct, saturated colours (Tableau 10) that read on photos.
+BOX_COLORS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
 
 
 class DetectionTask(Task):
@@ -90,20 +105,29 @@ class DetectionTask(Task):
     def draw(
         self, image: Image.Image, prediction: Detection, class_names: Sequence[str] | None, title: str
     ) -> Image.Image:
-        """The boxes with their class names and scores, under a title strip (offline: PIL's default font)."""
-        labels = [
-            f"{_class_name(int(label), class_names)} {float(score):.2f}"
-            for label, score in zip(prediction["labels"], prediction["scores"], strict=True)
-        ]
-        picture = image.convert("RGB")
+        """Boxes scoring at least ``DRAW_MIN_SCORE``, a colour per class, with names and scores, under a title.
+
+        Small images are enlarged first (to ``DRAW_MIN_SIDE`` on the long side) so labels stay legible;
+        PIL's default font draws offline.
+        """
+        scale = max(1.0, DRAW_MIN_SIDE / max(image.size))
+        picture = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)))
+        keep = prediction["scores"] >= DRAW_MIN_SCORE
+        labels = [int(k) for k in prediction["labels"][keep]]
         if labels:
-            width = max(2, round(max(image.size) / 300))
-            boxes = prediction["boxes"].detach().float()
-            drawn = draw_bounding_boxes(pil_to_tensor(picture), boxes, labels, width=width, fill_labels=True)
+            texts = [
+                f"{_class_name(k, class_names)} {float(s):.2f}"
+                for k, s in zip(labels, prediction["scores"][keep], strict=True)
+            ]
+            boxes = prediction["boxes"][keep].detach().float() * scale
+            colors = [BOX_COLORS[k % len(BOX_COLORS)] for k in labels]
+            width = max(2, round(max(picture.size) / 300))
+            drawn = draw_bounding_boxes(pil_to_tensor(picture), boxes, texts, colors=colors, width=width)
             picture = to_pil_image(drawn)
         canvas = Image.new("RGB", (picture.width, picture.height + TITLE_HEIGHT), "white")
         canvas.paste(picture, (0, TITLE_HEIGHT))
-        ImageDraw.Draw(canvas).text((6, 4), title, fill="black", font=ImageFont.load_default(size=TITLE_HEIGHT - 8))
+        caption = f"{title} (score >= {DRAW_MIN_SCORE})"
+        ImageDraw.Draw(canvas).text((6, 4), caption, fill="black", font=ImageFont.load_default(size=TITLE_HEIGHT - 10))
         return canvas
 
     def add_eval_command(self, parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from qz_segmentation.voc import IMAGES, VOCSegmentationFolder, voc_root
 # The VOC split QAT trains on in a VOC layout.
 TRAIN_SPLIT = "train"
 ALPHA = 0.5
+DRAW_MIN_SIDE = 480
 
 
 def _voc_color(index: int) -> tuple[int, int, int]:
@@ -176,7 +177,7 @@ class SegmentationTask(Task):
         return predictions
 
     def draw(self, image: Image.Image, prediction: Any, class_names: Sequence[str] | None, title: str) -> Image.Image:
-        """``image`` at its own size with the classes painted over it, a title and a legend.
+        """``image`` (at least ``DRAW_MIN_SIDE`` on its long side) with the classes painted over it, a title, a legend.
 
         Class 0 (the background of VOC-style labels) is left clear; the title sits on a band at the top,
         the legend of the classes found on a band at the bottom.
@@ -187,6 +188,11 @@ class SegmentationTask(Task):
         mask = torch.as_tensor(prediction)
         if tuple(mask.shape) != (image.height, image.width):
             raise QzError(f"A {tuple(mask.shape)} mask does not fit a {image.width}x{image.height} image.")
+        scale = max(1.0, DRAW_MIN_SIDE / max(image.size))  # small images enlarged so the legend stays legible
+        if scale > 1:
+            size = (round(image.height * scale), round(image.width * scale))
+            image = image.resize(size[::-1])
+            mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
         present = [int(k) for k in mask.unique() if 0 < int(k) < len(PALETTE)]
         picture = pil_to_tensor(image.convert("RGB"))
         if present:

@@ -6,8 +6,10 @@ patches); ``qz_detection.models.yolo`` registers the variants without it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,17 @@ class YoloPredictions(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@contextlib.contextmanager
+def _quiet_ultralytics() -> Iterator[None]:
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class QuantizableYOLO(DetectionModel):
     """ultralytics' ``DetectionModel`` with a QuantStub in front and quantizable blocks.
 
@@ -68,7 +81,8 @@ class QuantizableYOLO(DetectionModel):
     max_det = 300
 
     def __init__(self, cfg: str | dict, num_classes: int = 80, in_channels: int = 3, export: bool = False) -> None:
-        super().__init__(cfg, ch=in_channels, nc=num_classes, verbose=False)
+        with _quiet_ultralytics():  # its 'Overriding model.yaml nc=80 with nc=N' is not news: num_classes says so
+            super().__init__(cfg, ch=in_channels, nc=num_classes, verbose=False)
         swap_blocks(self)
         replace_silu(self)
         self.quant = QuantStub()
