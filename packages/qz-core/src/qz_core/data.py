@@ -26,9 +26,16 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The visible image files directly inside ``folder``, sorted."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p))
+def image_files(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder`` (and subfolders with ``recursive``), sorted; hidden parts skipped."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p
+        for p in found
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:

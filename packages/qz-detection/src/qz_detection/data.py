@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from qz_core import QzError
-from qz_core.data import IMAGE_EXTENSIONS
+from qz_core.data import IMAGE_EXTENSIONS, image_files, read_rgb
 from qz_detection.detector import Target
 
 Transform = Callable[[Image.Image], Any]
@@ -29,15 +29,6 @@ TRAINING_LAYOUTS = (
 )
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files directly inside ``folder``, sorted (hidden files skipped)."""
-    return sorted(p for p in folder.iterdir() if _is_image(p))
-
-
 def _folder(path: str | os.PathLike, purpose: str) -> Path:
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -45,19 +36,14 @@ def _folder(path: str | os.PathLike, purpose: str) -> Path:
     return root
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 class PhotoFolder(Dataset):
     """The photos of one folder, transformed, for calibration (no labels)."""
 
     def __init__(self, folder: str | os.PathLike, transform: Transform) -> None:
         root = _folder(folder, "calibration")
-        files = list_images(root)
+        files = image_files(root)
         if not files and (root / "images").is_dir():
-            files = list_images(root / "images")
+            files = image_files(root / "images")
         if not files:
             raise QzError(
                 f"The calibration folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -69,7 +55,7 @@ class PhotoFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> Any:
-        return self.transform(_open_rgb(self.files[index]))
+        return self.transform(read_rgb(self.files[index]))
 
 
 class LabelledImages(Dataset):
@@ -85,7 +71,7 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Target]:
         path, boxes, labels, category_ids = self.items[index]
-        image = _open_rgb(path)
+        image = read_rgb(path)
         size = (image.height, image.width)
         if self.normalized:
             boxes = boxes * torch.tensor([size[1], size[0]] * 2, dtype=torch.float32)
@@ -100,7 +86,7 @@ def yolo_txt_items(root: Path) -> list[tuple[Path, Tensor, Tensor, Tensor]]:
         QzError: a malformed row, naming the file and line.
     """
     items = []
-    for image in list_images(root / "images"):
+    for image in image_files(root / "images"):
         rows: list[list[float]] = []
         label_file = root / "labels" / f"{image.stem}.txt"
         if label_file.is_file():

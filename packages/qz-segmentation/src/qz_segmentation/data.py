@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resize
 
 from qz_core import QzError
-from qz_core.data import IMAGE_EXTENSIONS
+from qz_core.data import IMAGE_EXTENSIONS, image_files, read_rgb
 from qz_segmentation.losses import IGNORE_INDEX
 
 Transform = Callable[[Image.Image], Any]
@@ -24,24 +24,17 @@ Transform = Callable[[Image.Image], Any]
 PAIR_IMAGES, PAIR_MASKS = "images", "masks"
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def image_files(folder: Path, *, recursive: bool = False) -> list[Path]:
-    """The image files in ``folder`` (and its subfolders with ``recursive``), sorted; hidden ones skipped."""
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not _hidden(p, folder))
-
-
 def read_mask(path: Path) -> Tensor:
     """A mask as class indices ``(H, W)`` (int64; palette PNGs store indices, 255 = ignore)."""
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L", "I", "I;16"):
-            raise QzError(
-                f"Mask {str(path)!r} is a {image.mode} image: expected a palette or grayscale PNG of indices."
-            )
-        return torch.from_numpy(np.array(image, dtype=np.int64))
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L", "I", "I;16"):
+                raise QzError(
+                    f"Mask {str(path)!r} is a {image.mode} image: expected a palette or grayscale PNG of indices."
+                )
+            return torch.from_numpy(np.array(image, dtype=np.int64))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise QzError(f"Cannot read mask {str(path)!r}: {exc}") from None
 
 
 class ImageList(Dataset):
@@ -55,8 +48,7 @@ class ImageList(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> Any:
-        with Image.open(self.files[index]) as image:
-            return self.transform(image.convert("RGB"))
+        return self.transform(read_rgb(self.files[index]))
 
 
 class ImageMaskPairs(Dataset):
@@ -78,13 +70,13 @@ class ImageMaskPairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         mask = read_mask(self.masks[index])
-        with Image.open(self.images[index]) as image:
-            if (image.height, image.width) != tuple(mask.shape):
-                raise QzError(
-                    f"Mask {str(self.masks[index])!r} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{str(self.images[index])!r} is {image.width}x{image.height}: they must have the same size."
-                )
-            tensor = self.transform(image.convert("RGB"))
+        image = read_rgb(self.images[index])
+        if (image.height, image.width) != tuple(mask.shape):
+            raise QzError(
+                f"Mask {str(self.masks[index])!r} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{str(self.images[index])!r} is {image.width}x{image.height}: they must have the same size."
+            )
+        tensor = self.transform(image)
         if tuple(mask.shape) != tuple(tensor.shape[-2:]):
             mask = resize(mask[None], list(tensor.shape[-2:]), interpolation=InterpolationMode.NEAREST)[0]
         return tensor, mask

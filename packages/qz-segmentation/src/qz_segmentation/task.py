@@ -14,11 +14,11 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from qz_core import ModelSpec, QzError, Task
+from qz_core.data import image_files
 from qz_core.task import Transform
 from qz_segmentation.data import (
     PAIR_IMAGES,
     ImageList,
-    image_files,
     image_mask_folder,
     is_pair_folder,
     pad_collate,
