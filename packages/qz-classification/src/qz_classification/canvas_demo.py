@@ -64,6 +64,7 @@ class CanvasDemo:
     num_train: int = 600
     image_size: int = 128
     preprocess: Callable[[int], Transform] | None = None
+    stride: int = 1
     float_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None
 
 
@@ -220,6 +221,8 @@ def run_canvas_demo(
     num_train = num_train or demo.num_train
     if epochs < 1 or qat_epochs < 1 or num_train < 1:
         raise QzError(f"--epochs, --qat-epochs and --num-train must be >= 1; got {epochs}, {qat_epochs}, {num_train}.")
+    if size < demo.stride or size % demo.stride:
+        raise QzError(f"--image-size must be a multiple of {demo.model}'s stride {demo.stride}; got {size}.")
     out = Path(out_dir or f"qz-out/demo-{demo.task}")
     torch.manual_seed(seed)
     config = CanvasConfig(
@@ -284,8 +287,8 @@ def run_canvas_demo(
     return result
 
 
-def add_canvas_demo_arguments(parser: argparse.ArgumentParser, demo: CanvasDemo, run: Callable[..., Any]) -> None:
-    """The options of ``qz demo <task>``; ``func`` calls ``run`` with them and returns 0."""
+def add_canvas_demo_arguments(parser: argparse.ArgumentParser, demo: CanvasDemo) -> None:
+    """The options of ``qz demo --task <task>``; ``func`` runs ``run_canvas_demo(demo, ...)`` with them."""
     parser.description = (
         f"FP32 vs INT8 PTQ vs INT8 QAT {demo.model} ({demo.metric}) on canvases of scikit-learn's real digits."
     )
@@ -298,7 +301,8 @@ def add_canvas_demo_arguments(parser: argparse.ArgumentParser, demo: CanvasDemo,
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the split")
 
     def func(args: argparse.Namespace) -> int:
-        run(
+        run_canvas_demo(
+            demo,
             epochs=args.epochs,
             qat_epochs=args.qat_epochs,
             image_size=args.image_size,

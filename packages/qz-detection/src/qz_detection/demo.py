@@ -9,10 +9,9 @@ batch-1 latency on canvases of held-out digit images.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import io
-import os
 from pathlib import Path
 
 from PIL import Image
@@ -20,7 +19,7 @@ from torch import nn
 
 from qz_classification.canvas_demo import CanvasDemo, DemoResult, add_canvas_demo_arguments, run_canvas_demo
 from qz_classification.digits_canvas import NUM_DIGITS
-from qz_core import ModelSpec, QzError, Task
+from qz_core import ModelSpec, Task
 from qz_core.task import Transform
 
 __all__ = ["DEMO", "DemoResult", "add_demo_arguments", "box_map", "run_demo"]
@@ -94,36 +93,9 @@ DEMO = CanvasDemo(
     batch_size=8,
     num_train=600,
     preprocess=_letterbox,
+    stride=STRIDE,
 )
 
 
-def run_demo(
-    *,
-    epochs: int = DEMO.epochs,
-    qat_epochs: int = DEMO.qat_epochs,
-    image_size: int = DEMO.image_size,
-    num_train: int = DEMO.num_train,
-    out_dir: str | os.PathLike | None = None,
-    backend: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> DemoResult:
-    """Trains YOLOv5n on digit canvases, quantizes it by PTQ and QAT, prints the table, draws predictions."""
-    if image_size % STRIDE:
-        raise QzError(f"--image-size must be a multiple of YOLO's stride {STRIDE}; got {image_size}.")
-    return run_canvas_demo(
-        DEMO,
-        epochs=epochs,
-        qat_epochs=qat_epochs,
-        image_size=image_size,
-        num_train=num_train,
-        out_dir=out_dir,
-        backend=backend,
-        seed=seed,
-        progress=progress,
-    )
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options and ``func`` of ``qz demo detection``."""
-    add_canvas_demo_arguments(parser, DEMO, run_demo)
+run_demo = functools.partial(run_canvas_demo, DEMO)
+add_demo_arguments = functools.partial(add_canvas_demo_arguments, demo=DEMO)

@@ -8,8 +8,7 @@ and the table compares mIoU (all 11 classes), size and batch-1 latency on held-o
 
 from __future__ import annotations
 
-import argparse
-import os
+import functools
 from pathlib import Path
 
 import torch
@@ -63,31 +62,5 @@ DEMO = CanvasDemo(
 )
 
 
-def run_demo(
-    *,
-    epochs: int = DEMO.epochs,
-    qat_epochs: int = DEMO.qat_epochs,
-    image_size: int = DEMO.image_size,
-    num_train: int = DEMO.num_train,
-    out_dir: str | os.PathLike | None = None,
-    backend: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> DemoResult:
-    """Trains LRASPP on digit canvases, quantizes it by PTQ and QAT, prints the table, draws predictions."""
-    return run_canvas_demo(
-        DEMO,
-        epochs=epochs,
-        qat_epochs=qat_epochs,
-        image_size=image_size,
-        num_train=num_train,
-        out_dir=out_dir,
-        backend=backend,
-        seed=seed,
-        progress=progress,
-    )
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options and ``func`` of ``qz demo segmentation``."""
-    add_canvas_demo_arguments(parser, DEMO, run_demo)
+run_demo = functools.partial(run_canvas_demo, DEMO)
+add_demo_arguments = functools.partial(add_canvas_demo_arguments, demo=DEMO)
