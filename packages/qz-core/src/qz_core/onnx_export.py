@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from qz_core.errors import QzError
 from qz_core.files import atomic_path
-from qz_core.workflow import is_quantized
+from qz_core.workflow import is_quantized, output_tensors
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,7 @@ def _quantized_batch_norm(relu: bool) -> Callable[..., Any]:
 
 
 def _flatten(output: Any) -> list[np.ndarray]:
-    if isinstance(output, Tensor):
-        return [output.detach().cpu().numpy()]
-    if isinstance(output, dict):
-        return [a for v in output.values() for a in _flatten(v)]
-    if isinstance(output, (list, tuple)):
-        return [a for v in output for a in _flatten(v)]
-    return []
+    return [t.detach().cpu().numpy() for t in output_tensors(output)]
 
 
 def run_onnx(path: str | os.PathLike, example_input: Tensor | tuple[Tensor, ...]) -> list[np.ndarray]:
@@ -134,16 +128,6 @@ def run_onnx(path: str | os.PathLike, example_input: Tensor | tuple[Tensor, ...]
     return session.run(None, feeds)
 
 
-def _tensors_of(output: Any) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in _tensors_of(v)]
-    if isinstance(output, (list, tuple)):
-        return [t for v in output for t in _tensors_of(v)]
-    return []
-
-
 class _FlatOutputs(nn.Module):
     """Returns a model's output tensors as one flat tuple, in ``_flatten``'s order.
 
@@ -156,7 +140,7 @@ class _FlatOutputs(nn.Module):
         self.model = model
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        return tuple(_tensors_of(self.model(*inputs)))
+        return tuple(output_tensors(self.model(*inputs)))
 
 
 def export_onnx(

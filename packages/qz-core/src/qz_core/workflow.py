@@ -131,19 +131,20 @@ def calibrate(
     return seen
 
 
-def _tensors(value: Any) -> list[Tensor]:
+def output_tensors(value: Any) -> list[Tensor]:
+    """The tensors in a model input or output (tensors, dicts, lists, tuples), flattened in order."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in output_tensors(v)]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in output_tensors(v)]
     return []
 
 
 def _check_finite(value: Any, where: str) -> None:
     """Observers turn one NaN or Inf into a model whose every output is NaN: refuse it, saying where."""
-    for tensor in _tensors(value):
+    for tensor in output_tensors(value):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise QzError(f"{where} holds {bad} non-finite value(s) (NaN or Inf): check the images and the transform.")

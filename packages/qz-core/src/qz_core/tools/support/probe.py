@@ -30,23 +30,19 @@ from qz_core.registry import get_model_builder, get_model_spec, get_task
 from qz_core.task import Task
 from qz_core.tools.common import describe_error
 from qz_core.tools.support.results import SupportResult
-from qz_core.workflow import calibrate, convert, train_qat
+from qz_core.workflow import calibrate, convert, output_tensors, train_qat
 
 DEFAULT_ENGINES = ("x86", "qnnpack")
 QAT_LR = 1e-5  # random weights: a small step keeps the loss finite
 
 
 def arrays(output: Any) -> list[np.ndarray]:
-    """The tensors of a model output (tensors, dicts, lists, tuples, arrays) as float64 arrays, in order."""
-    if isinstance(output, Tensor):
-        return [output.detach().cpu().double().numpy()]
+    """The tensors of a model output (tensors, dicts, lists, tuples; or onnxruntime's arrays) as float64 arrays."""
     if isinstance(output, np.ndarray):
         return [output.astype(np.float64)]
-    if isinstance(output, dict):
-        return [a for v in output.values() for a in arrays(v)]
-    if isinstance(output, (list, tuple)):
-        return [a for v in output for a in arrays(v)]
-    return []
+    if isinstance(output, (list, tuple)) and output and all(isinstance(a, np.ndarray) for a in output):
+        return [a.astype(np.float64) for a in output]
+    return [t.detach().cpu().double().numpy() for t in output_tensors(output)]
 
 
 def max_difference(a: Any, b: Any) -> float:
