@@ -274,3 +274,10 @@ def test_version_and_list_count_on_stdout(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"qz {qz_core.__version__}"
     assert main(["list", TINY]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "1 model"
+
+
+def test_an_empty_calibration_folder_is_refused_before_any_model_is_built(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(qz_core.job, "get_model_builder", lambda name: pytest.fail("built a model"))
+    (tmp_path / "empty").mkdir()
+    assert main(["quantize", TINY, "--calib", str(tmp_path / "empty"), "--out", str(tmp_path / "o.pt")]) == 2
+    assert "holds no images" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from qz_core.fusion import check_fuse_level
 from qz_core.measure import measure_latency, model_size_mb
 from qz_core.onnx_export import OnnxReport, export_onnx
 from qz_core.registry import get_model_builder, get_model_spec, get_task
-from qz_core.task import Task
+from qz_core.task import Task, Transform
 from qz_core.weights import WeightsSource, resolve_weights
 from qz_core.workflow import calibrate, convert, load_quantized, save_quantized, train_qat
 
@@ -159,6 +159,15 @@ def _loader(task: Task, dataset: Any, batch_size: int, workers: int, shuffle: bo
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=task.collate)
 
 
+def _request_data(request: QuantizeRequest, spec: ModelSpec, task: Task, transform: Transform) -> DataLoader:
+    """The training (QAT) or calibration batches of a request, in the task's layouts."""
+    if request.qat:
+        dataset = task.training_data(spec, request.train, transform)
+    else:
+        dataset = task.calibration_data(spec, request.calib, transform)
+    return _loader(task, dataset, request.batch_size, request.workers, shuffle=request.qat)
+
+
 def _single_input(task: Task, loader: DataLoader) -> Any:
     """The model input of the first sample alone (batch 1): a real image for latency and export."""
     first = next(iter(loader.dataset))
@@ -173,18 +182,9 @@ def quantize_model(request: QuantizeRequest) -> QuantizeResult:
     """Builds, calibrates (or trains with QAT), converts and saves one INT8 model, and exports and measures it."""
     spec, task, source = request.check()
     _warn_random(spec, source)
-    transform = task.transform(spec, source)
-    options = dict(request.model_kwargs)
-    float_model = get_model_builder(spec.name)(weights=source, progress=request.progress, **options)
-    if request.qat:
-        data = _loader(
-            task, task.training_data(spec, request.train, transform), request.batch_size, request.workers, True
-        )
-    else:
-        data = _loader(
-            task, task.calibration_data(spec, request.calib, transform), request.batch_size, request.workers, False
-        )
-    sample = _single_input(task, data)
+    data = _request_data(request, spec, task, task.transform(spec, source))
+    sample = _single_input(task, data)  # reads a first image before any model is built
+    float_model = get_model_builder(spec.name)(weights=source, progress=request.progress, **request.model_kwargs)
     fp32_mb = model_size_mb(float_model)
     fp32_ms = _latency(float_model, sample) if request.latency else None
     model = prepare_built(copy.deepcopy(float_model) if request.latency else float_model, is_qat=request.qat)
