@@ -22,7 +22,7 @@ import qz_core
 from qz_classification.data import training_images
 from qz_classification.evaluate import topk_accuracy
 from qz_classification.task import TASK
-from qz_core import QzError
+from qz_core import QzError, write_atomic
 
 
 @dataclass
@@ -156,7 +156,8 @@ def run_demo(
     if epochs:
         train_float(model, dataset.train, epochs)
     checkpoint = out / f"{model_name}_fp32.pth"
-    torch.save(model.state_dict(), checkpoint)
+    state = model.state_dict()
+    write_atomic(checkpoint, lambda file: torch.save(state, file))
 
     build = dict(weights=str(checkpoint), num_classes=dataset.num_classes, backend=backend)
     ptq = builder(**build, quantize=True)
