@@ -6,6 +6,7 @@ Every session installs from this repo with ``constraints.txt``, so a fresh machi
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -14,6 +15,8 @@ ROOT = Path(__file__).parent
 PACKAGES = ["qz-core", "qz-classification", "qz-detection", "qz-segmentation"]
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 ENV = {"YOLO_OFFLINE": "1", "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "")}
+# Each test virtualenv holds its own PyTorch (several GB): CI sets this to delete each one when its session ends.
+DISCARD_VENVS = os.environ.get("QZ_NOX_DISCARD_VENVS") == "1"
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
@@ -43,10 +46,47 @@ def _test_dir(package: str) -> Path:
 @nox.session
 @nox.parametrize("package", [*PACKAGES, "integration"])
 def tests(session: nox.Session, package: str) -> None:
-    """Runs one package's tests in its own virtualenv; 'integration' runs tests/ with all installed."""
-    _install(session, *_dependencies(package))
-    args = ["-q", "--durations=15", "--timeout=900", *session.posargs]
-    session.run("pytest", str(_test_dir(package)), *args, env=ENV)
+    """Runs one package's tests in its own virtualenv.
+
+    'integration' installs the four packages as a user would, from wheels this session builds
+    (``pip install --find-links DIST qz-detection ...``), and runs tests/ against those installs.
+    """
+    try:
+        if package == "integration":
+            wheelhouse = _build_dist(session, Path(session.create_tmp()) / "dist")
+            _install_from_wheelhouse(session, wheelhouse)
+        else:
+            _install(session, *_dependencies(package))
+        args = ["-q", "--durations=15", "--timeout=900", *session.posargs]
+        session.run("pytest", str(_test_dir(package)), *args, env=ENV)
+    finally:
+        if DISCARD_VENVS and session.virtualenv.location:
+            shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+
+
+def _build_dist(session: nox.Session, out: Path) -> Path:
+    """Builds an sdist and a wheel (from that sdist) of every package into ``out``."""
+    session.install(*CONSTRAINTS, "build")
+    shutil.rmtree(out, ignore_errors=True)
+    for name in PACKAGES:
+        session.run("python", "-m", "build", "--outdir", str(out), str(ROOT / "packages" / name), silent=True)
+    return out
+
+
+def _install_from_wheelhouse(session: nox.Session, wheelhouse: Path) -> None:
+    """Installs the task packages by name from ``wheelhouse``; pip finds qz-core and qz-classification there."""
+    names = ["qz-detection[test]", "qz-segmentation[test]", "qz-classification[demo,test]", "qz-core[test]"]
+    session.install(*CONSTRAINTS, "--find-links", str(wheelhouse), *names)
+    session.run("python", "-c", _NOT_EDITABLE, *PACKAGES)
+
+
+_NOT_EDITABLE = """
+import importlib.metadata as md, sys
+for name in sys.argv[1:]:
+    direct = md.distribution(name).read_text("direct_url.json") or ""
+    assert '"editable": true' not in direct, f"{name} is an editable install, not the wheel"
+print("installed from the wheelhouse:", ", ".join(f"{n} {md.version(n)}" for n in sys.argv[1:]))
+"""
 
 
 @nox.session
@@ -93,6 +133,13 @@ def _package_path(name: str) -> str:
     """``qz-x[extra]`` -> the path of packages/qz-x with its ``[extra]``."""
     package, _, extra = name.partition("[")
     return str(ROOT / "packages" / package) + (f"[{extra}" if extra else "")
+
+
+@nox.session
+def dist(session: nox.Session) -> None:
+    """Writes an sdist and a wheel of each package to dist/: then `pip install --find-links dist qz-detection`."""
+    out = _build_dist(session, ROOT / "dist")
+    session.log("Wheelhouse: %s", ", ".join(sorted(path.name for path in out.iterdir())))
 
 
 @nox.session
