@@ -81,3 +81,13 @@ def test_unregistered_model_is_gone() -> None:
     assert "qz_test_throwaway" in list_models(task="classification")
     unregister_model("qz_test_throwaway")
     assert "qz_test_throwaway" not in list_models(task="classification")
+
+
+def test_builders_import_from_the_package_in_a_fresh_interpreter() -> None:
+    import subprocess
+    import sys
+
+    code = "from qz_classification import resnet18, demo, models; print(resnet18.__name__, models.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["resnet18", "qz_classification.models"]

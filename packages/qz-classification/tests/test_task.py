@@ -159,3 +159,64 @@ def test_task_module_is_import_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_eval_and_demo_options_all_have_help():
+    from qz_core.cli.arguments import QzArgumentParser, undocumented_options
+
+    evaluate, demo = QzArgumentParser(prog="qz eval classification"), QzArgumentParser(prog="qz demo")
+    TASK.add_eval_command(evaluate)
+    assert TASK.add_demo_command(demo) is True
+    assert undocumented_options(evaluate) == [] and undocumented_options(demo) == []
+
+
+def _fail(*args, **kwargs):
+    pytest.fail("the evaluation or demo ran")
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "value"),
+    [
+        (["eval", "classification", "--data", "d", "--batch-size", "0"], "--batch-size", "'0'"),
+        (["eval", "classification", "--data", "d", "--workers", "-1"], "--workers", "'-1'"),
+        (["eval", "classification", "--data", "d", "--limit", "0"], "--limit", "'0'"),
+        (["eval", "classification", "--data", "d", "--limit", "-2"], "--limit", "'-2'"),
+        (["eval", "classification", "--data", "d", "--num-classes", "0"], "--num-classes", "'0'"),
+        (["demo", "--task", "classification", "--qat-epochs", "0"], "--qat-epochs", "'0'"),
+        (["demo", "--task", "classification", "--epochs", "-1"], "--epochs", "'-1'"),
+        (["demo", "--task", "classification", "--image-size", "-64"], "--image-size", "'-64'"),
+        (["demo", "--task", "classification", "--calib-batches", "0"], "--calib-batches", "'0'"),
+    ],
+)
+def test_cli_refuses_bad_numbers_by_name(argv, option, value, capsys, monkeypatch):
+    import importlib
+
+    from qz_core.cli import main
+
+    monkeypatch.setattr(importlib.import_module("qz_classification.evaluate"), "evaluate_classifier", _fail)
+    monkeypatch.setattr(importlib.import_module("qz_classification.demo"), "run_demo", _fail)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"argument {option}: must be an integer >=" in err and value in err
+
+
+def test_cli_refuses_a_class_index_past_num_classes(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from qz_core.cli import main
+
+    monkeypatch.setattr(importlib.import_module("qz_classification.evaluate"), "evaluate_classifier", _fail)
+    index = tmp_path / "classes.json"
+    index.write_text('{"cat": 0, "dog": 3, "fox": 1}')
+    argv = ["eval", "classification", "--model", "resnet18", "--data", str(tmp_path), "--class-index", str(index)]
+    assert main([*argv, "--num-classes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--class-index" in err and "'dog' to class 3" in err and "--num-classes is 3 (valid indices 0..2)" in err
+    reached = []
+    monkeypatch.setattr("qz_core.cli.evaluation.report_eval", lambda result, target: reached.append(result) or 0)
+    monkeypatch.setattr(importlib.import_module("qz_classification.evaluate"), "evaluate_classifier", lambda *a, **k: k)
+    assert main([*argv, "--num-classes", "4"]) == 0
+    assert reached[0]["num_classes"] == 4 and reached[0]["class_index"] == str(index)

@@ -118,3 +118,32 @@ def test_bench_keeps_a_partial_ort_out_of_the_deployed_ratio() -> None:
     assert row.deployed_ratio == pytest.approx(row.ms("int8") / row.ms("fp32"))
     assert (row.task, row.family, row.target, row.input_size) == (TASK.name, "qz_test_dense", 0.5, (24, 24))
     assert row.as_dict()["ort_partial"] is True
+
+
+def _dropping_biases(convert_fn):
+    """A converter that wrecks the INT8 model the way a broken weight packing would: every bias is lost."""
+
+    def convert(model: nn.Module) -> nn.Module:
+        int8 = convert_fn(model)
+        for module in int8.modules():
+            if hasattr(module, "_weight_bias"):
+                weight, _ = module._weight_bias()
+                module.set_weight_bias(weight, None)
+        return int8
+
+    return convert
+
+
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_contract_bounds_int8_against_fp32_on_each_engine(engine, monkeypatch) -> None:
+    import qz_core.tools.support.probe as probe
+
+    healthy = probe_model(DENSE, engines=[engine], onnx=False)
+    assert healthy.int8_sqnr[engine] > max(20.0, healthy.unrelated_sqnr), healthy
+    monkeypatch.setattr(probe, "convert", _dropping_biases(probe.convert))
+    wrecked = probe_model(DENSE, engines=[engine], onnx=False)
+    assert wrecked.errors == {} and wrecked.engines == {engine: True}  # it runs: only the bound can catch it
+    wrecked.fp32_onnx = wrecked.int8_onnx = True
+    wrecked.onnx_fp32_diff = 0.0
+    with pytest.raises(AssertionError, match="INT8 SQNR"):
+        assert_support_contract(wrecked, engines=[engine])

@@ -182,3 +182,51 @@ def test_demo_command_hook():
     assert TASK.add_demo_command(parser) is True
     args = parser.parse_args(["--epochs", "2"])
     assert args.epochs == 2 and callable(args.func)
+
+
+def test_eval_and_demo_options_all_have_help():
+    from qz_core.cli.arguments import QzArgumentParser, undocumented_options
+
+    evaluate, demo = QzArgumentParser(prog="qz eval detection"), QzArgumentParser(prog="qz demo")
+    TASK.add_eval_command(evaluate)
+    assert TASK.add_demo_command(demo) is True
+    assert undocumented_options(evaluate) == [] and undocumented_options(demo) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "option", "value"),
+    [
+        (["--image-size", "-64"], "--image-size", "'-64'"),
+        (["--image-size", "0"], "--image-size", "'0'"),
+        (["--limit", "0"], "--limit", "'0'"),
+        (["--workers", "-1"], "--workers", "'-1'"),
+        (["--num-classes", "0"], "--num-classes", "'0'"),
+        (["--calib-batches", "-4"], "--calib-batches", "'-4'"),
+    ],
+)
+def test_eval_refuses_bad_numbers_by_name(extra, option, value, capsys, monkeypatch):
+    import importlib
+
+    from qz_core.cli import main
+
+    evaluate = importlib.import_module("qz_detection.evaluate")
+    monkeypatch.setattr(evaluate, "evaluate_detector", lambda *a, **k: pytest.fail("the evaluation ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "detection", "--model", "yolov5n", "--data", "coco", *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("qz eval detection: error:") and f"argument {option}: must be an integer >=" in err
+    assert value in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--seed", "-1"), ("--image-size", "-64"), ("--epochs", "0"), ("--num-train", "0")]
+)
+def test_demo_refuses_bad_numbers_by_name(option, value, capsys):
+    from qz_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--task", "detection", option, value, "--out-dir", "never-written"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"argument {option}: must be an integer >=" in err and repr(value) in err

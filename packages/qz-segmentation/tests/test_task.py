@@ -154,3 +154,37 @@ def test_commands():
     demo = argparse.ArgumentParser()
     assert TASK.add_demo_command(demo) is True
     assert callable(demo.parse_args(["--epochs", "2"]).func)
+
+
+def test_eval_and_demo_options_all_have_help():
+    from qz_core.cli.arguments import QzArgumentParser, undocumented_options
+
+    evaluate, demo = QzArgumentParser(prog="qz eval segmentation"), QzArgumentParser(prog="qz demo")
+    TASK.add_eval_command(evaluate)
+    assert TASK.add_demo_command(demo) is True
+    assert undocumented_options(evaluate) == [] and undocumented_options(demo) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "option", "value"),
+    [
+        (["--workers", "-1"], "--workers", "'-1'"),
+        (["--limit", "-3"], "--limit", "'-3'"),
+        (["--num-classes", "0"], "--num-classes", "'0'"),
+        (["--calib-batches", "0"], "--calib-batches", "'0'"),
+        (["--limit", "nan"], "--limit", "'nan'"),
+    ],
+)
+def test_eval_refuses_bad_numbers_by_name(extra, option, value, capsys, monkeypatch):
+    import importlib
+
+    from qz_core.cli import main
+
+    evaluate = importlib.import_module("qz_segmentation.evaluate")
+    monkeypatch.setattr(evaluate, "evaluate_segmenter", lambda *a, **k: pytest.fail("the evaluation ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "segmentation", "--model", "lraspp_mobilenet_v3_large", "--data", "voc", *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("qz eval segmentation: error:") and f"argument {option}: must be an integer >=" in err
+    assert value in err

@@ -6,13 +6,14 @@ imports without defining the models.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    from qz_classification import models
+    models = importlib.import_module("qz_classification.models")
 
     if name == "models":
         return models
@@ -23,6 +24,6 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    from qz_classification import models
+    models = importlib.import_module("qz_classification.models")
 
     return sorted({*globals(), "models", *models.__dict__.get("__all__", dir(models))})

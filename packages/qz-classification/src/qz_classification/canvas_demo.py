@@ -221,6 +221,8 @@ def run_canvas_demo(
     num_train = num_train or demo.num_train
     if epochs < 1 or qat_epochs < 1 or num_train < 1:
         raise QzError(f"--epochs, --qat-epochs and --num-train must be >= 1; got {epochs}, {qat_epochs}, {num_train}.")
+    if seed < 0:
+        raise QzError(f"--seed must be >= 0; got {seed}.")
     if size < demo.stride or size % demo.stride:
         raise QzError(f"--image-size must be a multiple of {demo.model}'s stride {demo.stride}; got {size}.")
     out = Path(out_dir or f"qz-out/demo-{demo.task}")
@@ -289,16 +291,24 @@ def run_canvas_demo(
 
 def add_canvas_demo_arguments(parser: argparse.ArgumentParser, demo: CanvasDemo) -> None:
     """The options of ``qz demo --task <task>``; ``func`` runs ``run_canvas_demo(demo, ...)`` with them."""
+    from qz_core.cli.arguments import non_negative_int, positive_int
+
     parser.description = (
         f"FP32 vs INT8 PTQ vs INT8 QAT {demo.model} ({demo.metric}) on canvases of scikit-learn's real digits."
     )
-    parser.add_argument("--epochs", type=int, default=demo.epochs, help="FP32 training epochs (from scratch)")
-    parser.add_argument("--qat-epochs", type=int, default=demo.qat_epochs, help="quantization-aware training epochs")
-    parser.add_argument("--image-size", type=int, default=demo.image_size, help="canvas and model input side (px)")
-    parser.add_argument("--num-train", type=int, default=demo.num_train, help="training canvases (val: a quarter)")
+    parser.add_argument("--epochs", type=positive_int, default=demo.epochs, help="FP32 training epochs (from scratch)")
+    parser.add_argument(
+        "--qat-epochs", type=positive_int, default=demo.qat_epochs, help="quantization-aware training epochs"
+    )
+    parser.add_argument(
+        "--image-size", type=positive_int, default=demo.image_size, help="canvas and model input side (px)"
+    )
+    parser.add_argument(
+        "--num-train", type=positive_int, default=demo.num_train, help="training canvases (val: a quarter)"
+    )
     parser.add_argument("--out-dir", default=f"qz-out/demo-{demo.task}", help="folder for data, models, predictions")
     parser.add_argument("--backend", choices=supported_backends(), default=None, help="quantized engine")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the split")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data, the training and the split")
 
     def func(args: argparse.Namespace) -> int:
         run_canvas_demo(

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from qz_classification._common import TASK as TASK_NAME
 from qz_classification._common import imagenet_transform
 from qz_classification.data import LAYOUT, calibration_images, training_images
-from qz_core import ModelSpec, Task
+from qz_core import ModelSpec, QzError, Task
 from qz_core.backend import supported_backends
 from qz_core.task import Transform
 
@@ -124,6 +124,7 @@ class ClassificationTask(Task):
 
     def add_eval_command(self, parser: argparse.ArgumentParser) -> None:
         """``qz eval classification``: top-1/top-5 of FP32 and INT8 on an ImageNet-style folder."""
+        from qz_core.cli.arguments import positive_int
         from qz_core.cli.evaluation import add_eval_arguments
 
         parser.description = (
@@ -139,35 +140,67 @@ class ClassificationTask(Task):
         parser.add_argument(
             "--calib", default=None, help="calibration folder for --quantize ptq (default: held-out data)"
         )
-        parser.add_argument("--batch-size", type=int, default=64)
+        parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
         parser.add_argument(
-            "--class-index", default=None, help="file mapping folder names to class indices (other labels)"
+            "--class-index",
+            default=None,
+            help="file mapping folder names to class indices (JSON, or a name per line) for non-ImageNet labels",
         )
         parser.set_defaults(func=_run_eval)
 
     def add_demo_command(self, parser: argparse.ArgumentParser) -> bool:
         """``qz demo classification``: FP32 vs INT8 PTQ vs INT8 QAT on scikit-learn's digits (or a folder)."""
-        parser.add_argument("--model", default="resnet18")
+        from qz_core.cli.arguments import non_negative_int, positive_int
+
+        parser.add_argument("--model", default="resnet18", help="classification model to train (default: resnet18)")
         parser.add_argument(
             "--weights", default=None, help="e.g. DEFAULT to fine-tune torchvision's pretrained weights"
         )
         parser.add_argument(
             "--data", default=None, help="image folder (train/ and val/, or class subfolders); default: digits"
         )
-        parser.add_argument("--epochs", type=int, default=3, help="FP32 training epochs")
-        parser.add_argument("--qat-epochs", type=int, default=1)
-        parser.add_argument("--image-size", type=int, default=64, help="digits upsampled to this size")
-        parser.add_argument("--calib-batches", type=int, default=16)
-        parser.add_argument("--backend", choices=supported_backends(), default=None)
-        parser.add_argument("--out-dir", default=None)
+        parser.add_argument(
+            "--epochs", type=non_negative_int, default=3, help="FP32 training epochs, 0 for none (default: 3)"
+        )
+        parser.add_argument("--qat-epochs", type=positive_int, default=1, help="QAT epochs (default: 1)")
+        parser.add_argument(
+            "--image-size", type=positive_int, default=64, help="digits upsampled to this size in px (default: 64)"
+        )
+        parser.add_argument(
+            "--calib-batches", type=positive_int, default=16, help="PTQ calibration batches (default: 16)"
+        )
+        parser.add_argument(
+            "--backend", choices=supported_backends(), default=None, help="quantized engine (default: the platform's)"
+        )
+        parser.add_argument(
+            "--out-dir", default=None, help="folder for the checkpoint, INT8 models and ONNX (default: a temp folder)"
+        )
         parser.set_defaults(func=_run_demo)
         return True
+
+
+def _check_class_index(path: str, num_classes: int) -> None:
+    """Checks that every index of the ``--class-index`` file fits ``--num-classes``.
+
+    Raises:
+        QzError: naming the file, the folder and index past the class count, and the valid indices.
+    """
+    from qz_classification.imagenet import read_class_index
+
+    name, index = max(read_class_index(path).items(), key=lambda item: item[1], default=("", -1))
+    if index >= num_classes:
+        raise QzError(
+            f"--class-index {path!r} maps {name!r} to class {index}, but --num-classes is {num_classes} "
+            f"(valid indices 0..{num_classes - 1})."
+        )
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from qz_classification.evaluate import evaluate_classifier
     from qz_core.cli.evaluation import report_eval, shared_eval_options
 
+    if args.class_index is not None and args.num_classes is not None:
+        _check_class_index(args.class_index, args.num_classes)
     result = evaluate_classifier(
         args.model,
         calib=args.calib,

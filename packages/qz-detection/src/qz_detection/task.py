@@ -132,6 +132,8 @@ class DetectionTask(Task):
 
     def add_eval_command(self, parser: argparse.ArgumentParser) -> None:
         """``qz eval detection``: COCO box mAP@[.5:.95], mAP@.5 and AR@100, FP32 beside INT8."""
+        from qz_core.cli.arguments import positive_int
+
         parser.description = (
             "COCO box mAP@[.5:.95], mAP@.5 and AR@100 (pycocotools) on a COCO-layout folder (<split>/ images "
             "and annotations/instances_<split>.json, or --annotations FILE with the images folder as --data), "
@@ -143,7 +145,9 @@ class DetectionTask(Task):
             weights_help="weights name (DEFAULT, COCO_V1, ...) or float checkpoint (YOLO: ultralytics .pt)",
             data_help="COCO folder holding <split>/ and annotations/ (with --annotations: the images folder)",
         )
-        parser.add_argument("--split", default="val2017", help="images folder and instances_<split>.json")
+        parser.add_argument(
+            "--split", default="val2017", help="images folder and instances_<split>.json (default: val2017)"
+        )
         parser.add_argument("--annotations", default=None, help="COCO instances JSON; --data is then the images")
         parser.add_argument("--calib-images", default=None, help="images that calibrate PTQ (default: held out)")
         parser.add_argument(
@@ -152,7 +156,9 @@ class DetectionTask(Task):
             default=None,
             help="model label -> category id: " + "; ".join(f"{k}: {v}" for k, v in LABEL_MAPS.items()),
         )
-        parser.add_argument("--image-size", type=int, default=None, help="YOLO letterbox size (default: 640)")
+        parser.add_argument(
+            "--image-size", type=positive_int, default=None, help="YOLO letterbox long side in px (default: 640)"
+        )
         parser.set_defaults(func=_run_eval)
 
     def add_demo_command(self, parser: argparse.ArgumentParser) -> bool:

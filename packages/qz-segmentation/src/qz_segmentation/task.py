@@ -225,7 +225,9 @@ class SegmentationTask(Task):
             weights_help="weights name (DEFAULT, ...) or float checkpoint",
             data_help="VOC folder (or a parent holding VOC2012/ or VOCdevkit/VOC2012/)",
         )
-        parser.add_argument("--split", default="val", help="ImageSets/Segmentation/<split>.txt to evaluate")
+        parser.add_argument(
+            "--split", default="val", help="ImageSets/Segmentation/<split>.txt to evaluate (default: val)"
+        )
         parser.add_argument("--calib-split", default=None, help="split that calibrates PTQ (default: held-out images)")
         parser.add_argument("--aux-loss", action="store_true", help="the checkpoint holds an aux classifier")
         parser.set_defaults(func=_cmd_eval)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from qz_core import __version__
 from qz_core.cli import models
+from qz_core.cli.arguments import QzArgumentParser
 from qz_core.errors import QzError
 from qz_core.registry import get_task, list_tasks
 
@@ -19,7 +20,7 @@ def _add_task_commands(sub: argparse._SubParsersAction) -> None:
     for name in list_tasks():
         task = get_task(name)
         task.add_eval_command(tasks.add_parser(name, help=f"{task.metric}, FP32 vs INT8"))
-    demos = [name for name in list_tasks() if get_task(name).add_demo_command(argparse.ArgumentParser())]
+    demos = [name for name in list_tasks() if get_task(name).add_demo_command(QzArgumentParser())]
     # Without its own --help: 'qz demo --task T --help' shows the options of T's demo.
     demo = sub.add_parser(
         "demo", add_help=False, help="FP32 vs INT8 PTQ vs INT8 QAT on a small real dataset that ships offline"
@@ -31,7 +32,7 @@ def _add_task_commands(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     if args.task is None:
         raise QzError("No installed task package has a demo.")
-    parser = argparse.ArgumentParser(
+    parser = QzArgumentParser(
         prog=f"qz demo --task {args.task}",
         description=f"The {args.task} demo. Demos of the installed tasks: --task {{{','.join(args.demo_tasks)}}}.",
     )
@@ -42,7 +43,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qz`` argument parser, with the ``eval`` and ``demo`` commands of every installed task."""
-    parser = argparse.ArgumentParser(prog="qz", description="INT8 quantization model zoo for PyTorch.")
+    parser = QzArgumentParser(prog="qz", description="INT8 quantization model zoo for PyTorch.")
     parser.add_argument("--version", action="version", version=f"qz {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models.add_commands(sub)

@@ -9,8 +9,11 @@ import sys
 from typing import Any
 
 from qz_core.backend import supported_backends
+from qz_core.cli.arguments import non_negative_int, positive_int
 from qz_core.files import write_text_atomic
 from qz_core.qconfig import ACTIVATION_OBSERVERS
+
+WORKERS = min(4, os.cpu_count() or 1)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser, *, task: str, weights_help: str, data_help: str) -> None:
@@ -24,14 +27,31 @@ def add_eval_arguments(p: argparse.ArgumentParser, *, task: str, weights_help: s
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quantize", choices=["ptq"], default=None, help="also quantize (PTQ) and evaluate INT8")
     mode.add_argument("--int8", default=None, help="evaluate this INT8 model file (from 'qz quantize')")
-    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches for --quantize ptq")
-    p.add_argument("--backend", choices=supported_backends(), default=None, help="default: the platform's")
     p.add_argument(
-        "--activation-observer", choices=sorted(ACTIVATION_OBSERVERS), default=None, help="default: the engine's"
+        "--calib-batches", type=positive_int, default=16, help="calibration batches for --quantize ptq (default: 16)"
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N images")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of a checkpoint with its own head")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes")
+    p.add_argument(
+        "--backend", choices=supported_backends(), default=None, help="quantized engine (default: the platform's)"
+    )
+    p.add_argument(
+        "--activation-observer",
+        choices=sorted(ACTIVATION_OBSERVERS),
+        default=None,
+        help="INT8 activation observer (default: the engine's)",
+    )
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate a seeded sample of N images (default: all)",
+    )
+    p.add_argument(
+        "--num-classes", type=positive_int, default=None, help="class count of a checkpoint with its own head"
+    )
+    p.add_argument(
+        "--workers", type=non_negative_int, default=WORKERS, help=f"data loading processes (default: {WORKERS})"
+    )
     p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-': stdout)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from qz_core.backend import supported_backends
+from qz_core.cli.arguments import onnx_opset, positive_int
 from qz_core.fusion import FUSE_LEVELS
 from qz_core.job import ModelSource, QuantizeRequest, export_model, predict_images, quantize_model
 from qz_core.registry import get_model_spec, list_models, list_tasks
@@ -93,7 +94,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="FP32 weights: enum name (DEFAULT, ...) or checkpoint file")
     p.add_argument("--int8", default=None, help="INT8 model file written by 'qz quantize'")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of a checkpoint with its own head")
+    p.add_argument(
+        "--num-classes", type=positive_int, default=None, help="class count of a checkpoint with its own head"
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -111,8 +114,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, help="calibration image folder (PTQ), in a layout of the model's task")
     p.add_argument("--out", required=True, help="INT8 model file to write (.pt)")
     p.add_argument("--onnx", default=None, help="also export the INT8 model to this ONNX file")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of a checkpoint with its own head")
-    p.add_argument("--opset", type=int, default=13, help="ONNX opset")
+    p.add_argument(
+        "--num-classes", type=positive_int, default=None, help="class count of a checkpoint with its own head"
+    )
+    p.add_argument("--opset", type=onnx_opset, default=13, help="ONNX opset, 10 or more (default: 13)")
     p.add_argument(
         "--backend", choices=supported_backends(), default=None, help="quantized engine (default: the platform's)"
     )
@@ -124,12 +129,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--calib-fraction", type=float, default=None, help="calibrate on this fraction (0, 1] of the folder"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    p.add_argument("--workers", type=int, default=WORKERS, help="data loading processes")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    p.add_argument("--workers", type=int, default=WORKERS, help=f"data loading processes (default: {WORKERS})")
     p.add_argument("--qat", action="store_true", help="quantization-aware training on --train instead of calibration")
     p.add_argument("--train", default=None, help="labelled training folder for --qat, in a layout of the model's task")
-    p.add_argument("--epochs", type=int, default=1, help="QAT epochs")
-    p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate")
+    p.add_argument("--epochs", type=int, default=1, help="QAT epochs (default: 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate (default: 1e-4)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_quantize)
 
@@ -146,5 +151,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="ONNX file to write (with both --weights and --int8: also FILE_int8.onnx)"
     )
-    p.add_argument("--opset", type=int, default=13, help="ONNX opset")
+    p.add_argument("--opset", type=onnx_opset, default=13, help="ONNX opset, 10 or more (default: 13)")
     p.set_defaults(func=_cmd_export)

@@ -7,6 +7,7 @@ when a command runs so that ``qz --help`` stays light.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,7 +116,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     _at_least(args, 1, "batch_size", "threads", "rounds", "calib_batches")
     _at_least(args, 0, "warmup")
-    if args.budget is not None and args.budget <= 0:
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
         raise QzError(f"--budget must be a positive number of seconds; got {args.budget}.")
     if args.ort_quantize and not args.ort:
         raise QzError("--ort-quantize needs onnxruntime timing: drop --no-ort.")

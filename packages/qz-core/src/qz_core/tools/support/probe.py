@@ -51,6 +51,19 @@ def max_difference(a: Any, b: Any) -> float:
     return float(max((np.abs(x - y).max() for x, y in pairs if x.size), default=0.0))
 
 
+def sqnr(output: Any, reference: Any) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(sum reference^2 / sum (output - reference)^2).
+
+    Over all paired tensors of the two outputs; ``inf`` when they are equal.
+    """
+    pairs = list(zip(arrays(output), arrays(reference), strict=True))
+    signal = sum(float(np.square(r).sum()) for _, r in pairs)
+    noise = sum(float(np.square(o - r).sum()) for o, r in pairs)
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-300) / noise)
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -102,7 +115,8 @@ def _random_like(task: Task, spec: ModelSpec, x: Any, batch_size: int) -> Any:
 def _prepare_inputs(p: _Probe, example_input: Any, calib_batches: int) -> None:
     p.x = example_input if example_input is not None else p.task.example_input(p.spec)
     batch = len(p.x) if isinstance(p.x, Tensor) else 1
-    p.calibration = [_random_like(p.task, p.spec, p.x, batch) for _ in range(max(calib_batches, 1))]
+    # The compared input is calibrated on too: INT8 is then judged on the ranges it was calibrated for.
+    p.calibration = [p.x, *(_random_like(p.task, p.spec, p.x, batch) for _ in range(max(calib_batches, 1)))]
 
 
 def _float_model(p: _Probe, settle_batches: int) -> nn.Module | None:
@@ -123,7 +137,17 @@ def _float_model(p: _Probe, settle_batches: int) -> nn.Module | None:
     if reference is None:
         return None
     p.reference = reference
+    p.result.unrelated_sqnr = _unrelated_sqnr(p, model)
     return model
+
+
+@torch.no_grad()
+def _unrelated_sqnr(p: _Probe, model: nn.Module) -> float | None:
+    """How close to FP32 the FP32 output of another random input comes (dB); None for non-tensor inputs."""
+    if not isinstance(p.x, Tensor):
+        return None
+    other = _random_like(p.task, p.spec, p.x, len(p.x))
+    return sqnr(p.task.export_module(model)(other), p.reference)
 
 
 def _export(p: _Probe, model: nn.Module, kind: str) -> Any:
@@ -168,6 +192,8 @@ def _ptq(p: _Probe, engine: str, first: bool) -> None:
     set_backend(engine)
     out = p.run(int8, engine)
     p.result.engines[engine] = out is not None
+    if out is not None:
+        p.result.int8_sqnr[engine] = sqnr(out, p.reference)
     if first and out is not None:
         p.result.ptq = True
         p.result.float_islands = count_float_islands(int8)
@@ -230,7 +256,7 @@ def probe_model(
         name: a registered model.
         engines: quantized engines to convert and run on (those this build lacks are skipped).
         example_input: the model input to compare on; ``Task.example_input`` by default.
-        calib_batches: random calibration batches, shaped like the example input.
+        calib_batches: random calibration batches, shaped like the example input (which is calibrated on too).
         onnx: also export FP32 and INT8 (first engine) ONNX and run them in onnxruntime.
         opset: the ONNX opset.
         work_dir: where checkpoints and ONNX files go; a temporary folder, removed after, when None.

@@ -26,7 +26,10 @@ class SupportResult:
         int8_onnx: the INT8 export module went to ONNX and ran in onnxruntime.
         opset: the ONNX opset used.
         float_islands: parts the INT8 model runs in float.
-        int8_max_diff: largest |INT8 - FP32| of PyTorch's outputs.
+        int8_max_diff: largest |INT8 - FP32| of PyTorch's outputs (first engine).
+        int8_sqnr: engine -> signal-to-quantization-noise ratio (dB) of PyTorch's INT8 outputs against FP32.
+        unrelated_sqnr: the same ratio for the FP32 output of another random input: what an INT8 output that
+            has lost the input would score.
         onnx_max_diff: largest |onnxruntime INT8 - PyTorch INT8|.
         onnx_fp32_diff: largest |onnxruntime INT8 - PyTorch FP32|.
         output_range: largest max - min of the FP32 outputs (the scale of the differences).
@@ -43,6 +46,8 @@ class SupportResult:
     opset: int = 13
     float_islands: int | None = None
     int8_max_diff: float | None = None
+    int8_sqnr: dict[str, float] = field(default_factory=dict)
+    unrelated_sqnr: float | None = None
     onnx_max_diff: float | None = None
     onnx_fp32_diff: float | None = None
     output_range: float | None = None
