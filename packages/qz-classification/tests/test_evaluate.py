@@ -13,7 +13,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from qz_classification.evaluate import evaluate_classifier, topk_accuracy
 from qz_classification.imagenet import imagenet_folder, imagenet_synsets, read_class_index
-from qz_core import ModelSpec, QzError, calibrate, convert, define_model, get_model, save_quantized
+from qz_core import ModelSpec, QzError, calibrate, convert, define_model, get_model, load_quantized, save_quantized
 from qz_core.cli import main
 from qz_core.registry import unregister_model
 
@@ -162,19 +162,50 @@ def test_bad_arguments(tmp_path):
         evaluate_classifier(STUB, data=data, class_index={"dog": 0})
 
 
+GOLDFISH = "n01443537"
+# Bright images are tench (class 0), dark ones goldfish (class 1); one bright image sits in goldfish's folder.
+FOLDERS = {TENCH: ["bright", "bright"], GOLDFISH: ["dark", "bright"]}
+
+
+def _photo(kind: str, generator: torch.Generator) -> Image.Image:
+    low = 150 if kind == "bright" else 0
+    pixels = torch.randint(low, low + 106, (40, 48, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+@torch.no_grad()
+def _brightness_classifier(folder: torchvision.datasets.ImageFolder) -> nn.Module:
+    """A random-weight resnet18 whose fc separates bright (tench) from dark (goldfish) images."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    fc, model.fc = model.fc, nn.Identity()
+    features = {kind: [] for kind in ("bright", "dark")}
+    for (image, _), path in zip(folder, folder.imgs, strict=True):
+        features["dark" if "dark" in path[0] else "bright"].append(model(image[None])[0])
+    bright, dark = (torch.stack(f).mean(0) for f in features.values())
+    direction = (bright - dark) / (bright - dark).norm() * 10
+    middle = float(direction @ (bright + dark) / 2)
+    fc.weight.zero_()
+    fc.bias.fill_(-100.0)
+    fc.weight[0], fc.weight[1] = direction, -direction
+    fc.bias[0], fc.bias[1] = -middle, middle
+    model.fc = fc
+    return model
+
+
 @pytest.fixture(scope="module")
 def resnet_files(tmp_path_factory):
-    """A random-weight resnet18 checkpoint and a 2-synset folder of 2 random images each."""
+    """A resnet18 checkpoint that scores 75% top-1 on its 2-synset folder of 4 images (100% top-5)."""
     root = tmp_path_factory.mktemp("resnet")
-    torch.manual_seed(0)
-    checkpoint = root / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), checkpoint)
     generator = torch.Generator().manual_seed(0)
-    for synset in (TENCH, "n01443537"):
-        for i in range(2):
-            pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8).numpy()
-            (root / "data" / synset).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(root / "data" / synset / f"{i}.jpg")
+    for synset, kinds in FOLDERS.items():
+        (root / "data" / synset).mkdir(parents=True)
+        for i, kind in enumerate(kinds):
+            _photo(kind, generator).save(root / "data" / synset / f"{i}_{kind}.jpg")
+    preset = torchvision.transforms._presets.ImageClassification(crop_size=224)
+    model = _brightness_classifier(torchvision.datasets.ImageFolder(str(root / "data"), transform=preset))
+    checkpoint = root / "resnet18.pth"
+    torch.save(model.state_dict(), checkpoint)
     return checkpoint, root / "data"
 
 
@@ -207,7 +238,7 @@ def test_cli_eval_int8_file_matches_direct_evaluation(resnet_files, tmp_path, ca
     int8 = tmp_path / "resnet18_int8.pt"
     # min/max observers: histogram ones make load_quantized's convert slow (see the qz-core note).
     prepared = get_model("resnet18", weights=str(checkpoint), quantize=True, activation_observer="minmax")
-    calibrate(prepared, [torch.randn(2, 3, 224, 224)], progress=False)
+    calibrate(prepared, [torch.rand(2, 3, 224, 224) * 4 - 2], progress=False)
     save_quantized(convert(prepared), int8)
     argv = ["eval", "classification", "--int8", str(int8), "--weights", str(checkpoint), "--data", str(data)]
     assert main([*argv, "--workers", "0", "--json", "-", "--no-progress"]) == 0
@@ -222,6 +253,8 @@ def test_cli_eval_int8_file_matches_direct_evaluation(resnet_files, tmp_path, ca
         str(data), transform=torchvision.transforms._presets.ImageClassification(crop_size=224)
     )
     expected = topk_accuracy(model, torch.utils.data.DataLoader(folder, batch_size=4), progress=False)
-    assert result["fp32"]["top1"] == pytest.approx(expected["top1"])
-    assert result["fp32"]["top5"] == pytest.approx(expected["top5"])
+    assert result["fp32"]["top1"] == pytest.approx(expected["top1"]) == pytest.approx(75.0)
+    assert result["fp32"]["top5"] == pytest.approx(expected["top5"]) == pytest.approx(100.0)
     assert result["int8"] is not None and "INT8" in printed
+    int8_expected = topk_accuracy(load_quantized(int8), torch.utils.data.DataLoader(folder, batch_size=4))
+    assert result["int8"]["top1"] == pytest.approx(int8_expected["top1"])
