@@ -1,3 +1,5 @@
+import re
+
 import torch
 
 from qz_classification.demo import digits_data, format_table, run_demo
@@ -18,10 +20,13 @@ def test_demo_end_to_end_on_digits(tmp_path, capsys):
     assert [r.name for r in rows] == ["FP32", "INT8 PTQ", "INT8 QAT"]
     fp32, ptq, qat = rows
     assert fp32.top1 > 50  # one epoch on real digits is far above chance (10%)
-    assert ptq.top1 > fp32.top1 - 10 and qat.top1 > fp32.top1 - 10
+    assert ptq.top1 > fp32.top1 - 3  # PTQ of a ResNet-18 loses about a point, not ten
+    assert qat.top1 >= ptq.top1  # QAT trains on: never worse than calibrating alone
     assert ptq.size_mb < 0.3 * fp32.size_mb
     out = capsys.readouterr().out
-    assert "| INT8 PTQ |" in out and "onnxruntime INT8 top-1 predictions agree" in out
+    assert "| INT8 PTQ |" in out
+    agreement = re.search(r"onnxruntime INT8 top-1 predictions agree with PyTorch INT8 on ([\d.]+)%", out)
+    assert agreement and float(agreement.group(1)) >= 97.0, out[-500:]
     assert (tmp_path / "resnet18_int8_ptq.pt").exists() and (tmp_path / "resnet18_int8.onnx").exists()
 
 
