@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.ao.nn.quantized import FloatFunctional
@@ -15,6 +16,8 @@ class QuantizableSiLU(nn.Module):
 
     Until ``prepare``/``prepare_qat`` replaces the identity ``activation_post_process`` of ``mul``
     with an observer, it calls ``F.silu``, so the float model stays bit-exact with torchvision's.
+    TorchScript cannot inspect module types: ``torch.jit.script`` records ``is_float()`` in
+    ``scripted_float`` when it compiles the module, and the scripted forward reads that instead.
     """
 
     def __init__(self, inplace: bool = False) -> None:
@@ -22,13 +25,21 @@ class QuantizableSiLU(nn.Module):
         self.inplace = inplace
         self.sigmoid = nn.Sigmoid()
         self.mul = FloatFunctional()
+        self.scripted_float = True
 
+    @torch.jit.unused
     def is_float(self) -> bool:
         """True until the module is prepared (observed or fake-quantized) or converted."""
         return type(self.mul) is FloatFunctional and type(self.mul.activation_post_process) is nn.Identity
 
+    def __prepare_scriptable__(self) -> QuantizableSiLU:
+        """Called by ``torch.jit.script``: records which forward the scripted module runs."""
+        self.scripted_float = self.is_float()
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.is_float():
+        use_float = self.scripted_float if torch.jit.is_scripting() else self.is_float()
+        if use_float:
             return F.silu(x, inplace=self.inplace)
         return self.mul.mul(x, self.sigmoid(x))
 

@@ -35,8 +35,6 @@ __all__ = [
     "convnext_large",
 ]
 
-_TO_LAST, _TO_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
-
 
 class ChannelsFirstNorm(nn.Sequential):
     """A Sequential whose ``norm`` child (an ``nn.LayerNorm``) normalizes the channels of NCHW input.
@@ -51,7 +49,7 @@ class ChannelsFirstNorm(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         for i, module in enumerate(self):
-            x = module(x.permute(_TO_LAST)).permute(_TO_FIRST) if i == self.norm_index else module(x)
+            x = module(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if i == self.norm_index else module(x)
         return x
 
 

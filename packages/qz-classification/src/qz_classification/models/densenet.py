@@ -20,6 +20,7 @@ scale (``torch.cat`` on quantized tensors of different scales is wrong).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models import densenet as tv
@@ -89,7 +91,20 @@ class QuantizableDenseLayer(_DenseLayer):
         self.relu2 = nn.ReLU()
 
     def bn_function(self, inputs: list[Tensor]) -> Tensor:
-        return self.conv1(self.relu1(self.norm1(self.cat.cat(list(inputs), 1))))
+        return self.conv1(self.relu1(self.norm1(self.cat.cat(inputs, 1))))
+
+    def forward(self, inputs: list[Tensor]) -> Tensor:
+        """The new features from all previous ones (torchvision's forward, with a list-only signature)."""
+        if self.memory_efficient and self.any_requires_grad(inputs):
+            if torch.jit.is_scripting():
+                raise RuntimeError("Memory-efficient DenseNet does not run in TorchScript.")
+            bottleneck = self.call_checkpoint_bottleneck(inputs)
+        else:
+            bottleneck = self.bn_function(inputs)
+        new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        if self.drop_rate > 0:
+            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
+        return new_features
 
     def fuse(self, is_qat: bool, form: str) -> None:
         """Fuses ``norm1-relu1`` (see ``fuse_bn_relu``) and ``conv1-norm2-relu2``."""
@@ -124,8 +139,8 @@ class QuantizableDenseBlock(_DenseBlock):
 
     def forward(self, init_features: Tensor) -> Tensor:
         features = [init_features]
-        for name, layer in self.items():
-            if name != "cat":
+        for layer in self.values():
+            if hasattr(layer, "bn_function"):  # a dense layer, not ``cat``; TorchScript resolves it statically
                 features.append(layer(features))
         return self.cat.cat(features, 1)
 
@@ -167,6 +182,21 @@ class QuantizableDenseNet(DenseNet):
         out = self.relu(self.features(self.quant(x)))
         out = F.adaptive_avg_pool2d(out, (1, 1)).flatten(1)
         return self.dequant(self.classifier(out))
+
+    def __prepare_scriptable__(self) -> QuantizableDenseNet:
+        """What ``torch.jit.script`` compiles: a copy whose INT8 BatchNorms hold 0-dim output qparams.
+
+        torch's convert leaves 1-element ``scale``/``zero_point`` tensors on quantized BatchNorms,
+        which the TorchScript kernel call rejects. The model itself keeps its state-dict shapes.
+        """
+        if not any(isinstance(m, nnq.BatchNorm2d) and m.scale.dim() for m in self.modules()):
+            return self
+        model = copy.deepcopy(self)
+        for module in model.modules():
+            if isinstance(module, nnq.BatchNorm2d):
+                module.scale = module.scale.reshape(())
+                module.zero_point = module.zero_point.reshape(())
+        return model
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
         """Fuses the dense layers and transitions, and with ``level='all'`` the stem and ``norm5``."""

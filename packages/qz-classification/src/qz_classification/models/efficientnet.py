@@ -45,6 +45,8 @@ __all__ = [
 class QuantizableMBConv(MBConv):
     """MBConv with a quantizable squeeze-excitation and a ``FloatFunctional`` residual add."""
 
+    __constants__ = ["use_res_connect"]  # a TorchScript constant: only blocks that add compile the add
+
     def __init__(self, cnf: tv.MBConvConfig, stochastic_depth_prob: float, norm_layer: Any) -> None:
         super().__init__(cnf, stochastic_depth_prob, norm_layer, se_layer=QuantizableSqueezeExcitation)
         if self.use_res_connect:  # only blocks that add: an unused FloatFunctional would leave an idle observer
@@ -60,6 +62,8 @@ class QuantizableMBConv(MBConv):
 
 class QuantizableFusedMBConv(FusedMBConv):
     """FusedMBConv (EfficientNetV2) with a ``FloatFunctional`` residual add."""
+
+    __constants__ = ["use_res_connect"]  # a TorchScript constant: only blocks that add compile the add
 
     def __init__(self, cnf: tv.FusedMBConvConfig, stochastic_depth_prob: float, norm_layer: Any) -> None:
         super().__init__(cnf, stochastic_depth_prob, norm_layer)

@@ -28,6 +28,8 @@ __all__ = [
 class QuantizableInvertedResidual(_InvertedResidual):
     """MNASNet's inverted residual, adopting a float block's layers, with a ``FloatFunctional`` add."""
 
+    __constants__ = ["apply_residual"]  # a TorchScript constant: only blocks that add compile the add
+
     def __init__(self, block: _InvertedResidual) -> None:
         # torchvision builds its blocks in a module-level _stack(); qz adopts them as they are
         # (same submodules, same weights, same state_dict keys) instead of building new ones.
@@ -61,7 +63,8 @@ class QuantizableMNASNet(MNASNet):
         self.dequant = DeQuantStub()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dequant(super().forward(self.quant(x)))
+        x = self.layers(self.quant(x))
+        return self.dequant(self.classifier(x.mean([2, 3])))
 
     def match_checkpoint(self, state_dict: Mapping[str, Any]) -> bool:
         """Switches to the version-1 stem when ``state_dict`` is a version-1 checkpoint.

@@ -40,6 +40,8 @@ class QuantizableInvertedResidual(InvertedResidual):
     Only blocks that add own a ``skip_add`` (an unused one would hold an uncalibrated observer).
     """
 
+    __constants__ = ["use_res_connect"]  # a TorchScript constant: only blocks that add compile the add
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.use_res_connect:

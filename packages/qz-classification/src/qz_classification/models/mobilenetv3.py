@@ -35,6 +35,8 @@ __all__ = [
 class QuantizableInvertedResidual(InvertedResidual):
     """MobileNetV3's InvertedResidual with a quantizable SE and a ``FloatFunctional`` residual add."""
 
+    __constants__ = ["use_res_connect"]  # a TorchScript constant: only blocks that add compile the add
+
     def __init__(
         self,
         cnf: InvertedResidualConfig,

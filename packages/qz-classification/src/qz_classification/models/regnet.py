@@ -83,7 +83,9 @@ class QuantizableRegNet(RegNet):
         self.dequant = DeQuantStub()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dequant(super().forward(self.quant(x)))
+        x = self.trunk_output(self.stem(self.quant(x)))
+        x = self.avgpool(x).flatten(start_dim=1)
+        return self.dequant(self.fc(x))
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
         """Fuses conv-bn(-relu) in the residual blocks, and with ``level='all'`` the stem too."""
