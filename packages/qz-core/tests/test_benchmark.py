@@ -391,3 +391,19 @@ def test_torchvision_comparison_is_by_name_from_torchvision_itself() -> None:
     assert {"resnet18", "mobilenet_v3_large", "shufflenet_v2_x1_0"} <= set(names) and "resnet" not in names
     (row,) = run_benchmark([TINY], rounds=1, warmup=0, ort=False, compare_torchvision=True, progress=False)
     assert row.notes["tv_int8"] == "torchvision has no quantizable model of this name" and "tv_int8" not in row.latency
+
+
+def _denormals_flushed() -> bool:
+    return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
+
+
+def test_timing_puts_threads_and_denormal_handling_back() -> None:
+    from qz_core.measure import measure_latency
+
+    threads = torch.get_num_threads()
+    seen = []
+    compare_latency({"probe": lambda: seen.append((torch.get_num_threads(), _denormals_flushed()))}, threads=1)
+    assert seen and all(state == (1, True) for state in seen)  # timed with one thread, denormals flushed
+    assert torch.get_num_threads() == threads and not _denormals_flushed()
+    measure_latency(nn.Linear(2, 2), torch.ones(1, 2), threads=1, warmup=0, rounds=1)
+    assert torch.get_num_threads() == threads and not _denormals_flushed()

@@ -83,8 +83,8 @@ def test_latency_and_size_helpers(checkpoint):
     stats = qz_core.compare_latency({"fp32": lambda: float_model(x), "int8": lambda: int8(x)}, warmup=1, rounds=5)
     assert set(stats) == {"fp32", "int8"}
     assert all(s.runs == 5 and 0 < s.p10_ms <= s.median_ms <= s.p90_ms for s in stats.values())
-    denormal = torch.tensor([1e-40])  # a float32 denormal: flushed to zero once timing_setup() ran
-    assert (denormal * 1.0).item() == 0.0
+    denormal = torch.tensor([1e-40])  # a float32 denormal: flushed only while timing, kept after
+    assert (denormal * 1.0).item() != 0.0
     assert qz_core.model_size_mb(int8) < qz_core.model_size_mb(float_model)
 
 

@@ -34,7 +34,9 @@ def test_qat_trains_and_converts(checkpoint, backend):
         model, data, torch.nn.CrossEntropyLoss(), epochs=4, lr=1e-2, freeze_bn_after=2, progress=False
     )
     assert len(history) == 4 and all(torch.isfinite(torch.tensor(history)))
-    assert all(b < a for a, b in zip(history, history[1:])), history  # it learns the fixed labels, fake-quantized
+    assert all(b < a for a, b in zip(history, history[1:], strict=False)), (
+        history
+    )  # it learns the fixed labels, fake-quantized
     int8 = qz_core.convert(model)
     assert qz_core.is_quantized(int8)
     assert int8(random_batches(1)[0]).shape == (4, 4)

@@ -186,17 +186,10 @@ def train_float(
 
 def _latencies_ms(models: dict[str, nn.Module], inputs: Any, progress: bool) -> dict[str, float]:
     """Batch-1 median latency of each model, timed round by round so load on the machine hits all alike."""
-    threads = torch.get_num_threads()
     for model in models.values():
         model.eval()
-    try:
-        runners = {name: functools.partial(model, inputs) for name, model in models.items()}
-        return {
-            name: t.median_ms for name, t in compare_latency(runners, warmup=3, rounds=20, progress=progress).items()
-        }
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
+    runners = {name: functools.partial(model, inputs) for name, model in models.items()}
+    return {name: t.median_ms for name, t in compare_latency(runners, warmup=3, rounds=20, progress=progress).items()}
 
 
 def run_canvas_demo(

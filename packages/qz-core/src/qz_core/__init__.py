@@ -19,7 +19,7 @@ from qz_core.errors import QzError
 from qz_core.files import atomic_path, write_atomic
 from qz_core.fusion import FUSE_LEVELS, fuse_in_blocks, fuse_modules, fuse_sequentials, sequential_fusion_groups
 from qz_core.job import ModelSource, QuantizeRequest, QuantizeResult, export_model, predict_images, quantize_model
-from qz_core.measure import Latency, compare_latency, measure_latency, model_size_mb, timing_setup
+from qz_core.measure import Latency, compare_latency, measure_latency, model_size_mb, timing_setup, timing_state
 from qz_core.modules import QuantizableSiLU, QuantizableSqueezeExcitation, replace_silu
 from qz_core.onnx_export import OnnxReport, export_onnx, run_onnx
 from qz_core.partial import FloatIsland, count_float_islands
@@ -121,6 +121,7 @@ __all__ = [
     "set_backend",
     "supported_backends",
     "timing_setup",
+    "timing_state",
     "train_qat",
     "write_atomic",
 ]

@@ -216,12 +216,7 @@ def quantize_model(request: QuantizeRequest) -> QuantizeResult:
 
 
 def _latency(model: nn.Module, inputs: Any) -> float:
-    threads = torch.get_num_threads()
-    try:
-        return measure_latency(model, inputs, warmup=1, rounds=LATENCY_ROUNDS).median_ms
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
+    return measure_latency(model, inputs, warmup=1, rounds=LATENCY_ROUNDS).median_ms
 
 
 @dataclass(frozen=True)

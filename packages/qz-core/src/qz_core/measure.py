@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,20 @@ def timing_setup(threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+@contextlib.contextmanager
+def timing_state(threads: int | None = None) -> Iterator[int]:
+    """``timing_setup`` for the duration of a block; the thread count and denormal handling are put back after.
+
+    PyTorch cannot report whether denormals are flushed, so they are left unflushed after, its default.
+    """
+    previous = torch.get_num_threads()
+    try:
+        yield timing_setup(threads)
+    finally:
+        torch.set_num_threads(previous)
+        torch.set_flush_denormal(False)
+
+
 def _summary(samples: list[float]) -> Latency:
     samples = sorted(samples)
     pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]  # noqa: E731
@@ -61,10 +76,11 @@ def compare_latency(
         budget_s: if given, fewer rounds (never below ``min_rounds``) when ``rounds`` of them would
             take longer than this many seconds, judged from the last warmup round: big models get
             a sweep done in hours, not days, and say how many rounds they got (``Latency.runs``).
+
+    The thread count and denormal handling are restored when it returns.
     """
-    timing_setup(threads)
     samples: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.inference_mode():
+    with timing_state(threads), torch.inference_mode():
         last_call_s = {}
         for name, run in runners.items():
             for _ in range(warmup):

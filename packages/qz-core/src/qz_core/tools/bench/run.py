@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from qz_core.backend import resolve_backend, set_backend
 from qz_core.errors import QzError, invalid_choice
 from qz_core.files import write_atomic
-from qz_core.measure import compare_latency, eager_op_profile, model_size_mb, timing_setup
+from qz_core.measure import compare_latency, eager_op_profile, model_size_mb, timing_state
 from qz_core.partial import count_float_islands
 from qz_core.registry import get_model_builder, get_model_spec, get_task
 from qz_core.tools.bench.results import NO_TORCHVISION_MODEL, BenchRow
@@ -329,27 +329,27 @@ def run_benchmark(
     """
     _check(batch_size, threads, rounds, ort, ort_quantize)
     backend = resolve_backend(backend)
-    timing_setup(threads)
-    settings = _Settings(
-        batch_size,
-        threads,
-        rounds,
-        warmup,
-        weights,
-        ort,
-        ort_quantize,
-        compare_torchvision,
-        calib_batches,
-        input_size,
-        dict(build_kwargs or {}),
-        budget_s,
-    )
-    rows: list[BenchRow] = []
-    bar = tqdm(list(names), desc="bench", unit="model", disable=not progress)
-    for name in bar:
-        bar.set_postfix(model=name)
-        rows.append(_measure(name, settings, backend))
-        if on_row is not None:
-            on_row(rows)
-        gc.collect()
-    return rows
+    with timing_state(threads):
+        settings = _Settings(
+            batch_size,
+            threads,
+            rounds,
+            warmup,
+            weights,
+            ort,
+            ort_quantize,
+            compare_torchvision,
+            calib_batches,
+            input_size,
+            dict(build_kwargs or {}),
+            budget_s,
+        )
+        rows: list[BenchRow] = []
+        bar = tqdm(list(names), desc="bench", unit="model", disable=not progress)
+        for name in bar:
+            bar.set_postfix(model=name)
+            rows.append(_measure(name, settings, backend))
+            if on_row is not None:
+                on_row(rows)
+            gc.collect()
+        return rows
