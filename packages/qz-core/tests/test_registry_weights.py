@@ -98,7 +98,7 @@ def test_checkpoint_layouts(tmp_path):
     for name in ("nested.pth", "ddp.pth"):
         assert read_checkpoint(tmp_path / name).keys() == state.keys()
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(QzError, match="Cannot read checkpoint"):
+    with pytest.raises(QzError, match=r"Cannot read checkpoint '.*junk.pth': not a PyTorch file \((\w+Error)"):
         read_checkpoint(tmp_path / "junk.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(QzError, match="holds no state dict"):
@@ -110,7 +110,7 @@ def test_missing_weights_file_and_bad_name():
 
     with pytest.raises(QzError, match=r"Weights file 'nope/model\.pth' does not exist"):
         resolve_weights("nope/model.pth", ResNet18_Weights)
-    with pytest.raises(QzError, match=r"Invalid weights 'IMAGENET1K_V9'.*Valid weightss?: DEFAULT, IMAGENET1K_V1"):
+    with pytest.raises(QzError, match=r"Invalid weights 'IMAGENET1K_V9'.*Valid weights: DEFAULT, IMAGENET1K_V1"):
         resolve_weights("IMAGENET1K_V9", ResNet18_Weights)
     assert resolve_weights("DEFAULT", ResNet18_Weights).enum_member is ResNet18_Weights.IMAGENET1K_V1
     assert resolve_weights("ResNet18_Weights.IMAGENET1K_V1", ResNet18_Weights).enum_member.name == "IMAGENET1K_V1"

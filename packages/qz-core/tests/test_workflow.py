@@ -107,6 +107,10 @@ def test_save_and_load_errors(checkpoint, tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(QzError, match="is not a qz INT8 model"):
         qz_core.load_quantized(tmp_path / "other.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(QzError, match=r"Cannot read INT8 model file .*damaged.pt.*not a PyTorch file") as error:
+        qz_core.load_quantized(tmp_path / "damaged.pt")
+    assert "\n" not in str(error.value) and "internal" not in str(error.value)  # one line, no library advice
 
 
 def test_estimate_bn_stats_trains_only_the_norms():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from qz_core.errors import QzError, invalid_choice
+from qz_core.errors import QzError, invalid_choice, unreadable_file
 
 # Buffers that prepare()/prepare_qat() add; a float checkpoint never has them.
 _QUANT_STATE_MARKERS = ("activation_post_process", "weight_fake_quant", "fake_quant")
@@ -100,7 +100,7 @@ def read_checkpoint(path: os.PathLike | str) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and tensor errors all mean 'not a checkpoint'
-        raise QzError(f"Cannot read checkpoint {str(path)!r}: {exc}") from exc
+        raise unreadable_file("checkpoint", path, exc) from exc
     if isinstance(payload, Mapping):
         for key in _CHECKPOINT_KEYS:
             if isinstance(payload.get(key), Mapping):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from qz_core.backend import set_backend
 from qz_core.builder import BuildRecipe
-from qz_core.errors import QzError
+from qz_core.errors import QzError, unreadable_file
 from qz_core.files import write_atomic
 
 FORMAT = "qz.int8"
@@ -308,7 +308,7 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     except FileNotFoundError:
         raise QzError(f"INT8 model file {os.fspath(path)!r} does not exist.") from None
     except Exception as exc:  # noqa: BLE001
-        raise QzError(f"Cannot read INT8 model file {os.fspath(path)!r}: {exc}") from exc
+        raise unreadable_file("INT8 model file", os.fspath(path), exc) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise QzError(f"{os.fspath(path)!r} is not a qz INT8 model (written by qz_core.save_quantized).")
     if payload.get("version") != FORMAT_VERSION:
