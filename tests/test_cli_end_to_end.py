@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,11 @@ ENV = {**os.environ, "YOLO_OFFLINE": "1"}
 
 
 def _qz(*args: str) -> subprocess.CompletedProcess:
+    """Runs the installed ``qz``; whatever it does, upstream libraries' warnings never reach the user."""
     script = Path(sys.executable).parent / "qz"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, env=ENV, timeout=900)
+    result = subprocess.run([str(script), *args], capture_output=True, text=True, env=ENV, timeout=900)
+    assert not re.search(r"\w+Warning: ", result.stderr), result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="module")
