@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from qz_core.builder import ModelSpec, prepare_built, recipe_of
 from qz_core.data import IMAGE_EXTENSIONS, image_files, read_rgb
-from qz_core.errors import QzError
+from qz_core.errors import QzError, invalid_choice
 from qz_core.files import atomic_path, check_output_dir, check_output_path
 from qz_core.fusion import check_fuse_level
 from qz_core.measure import measure_latency, model_size_mb
@@ -35,6 +35,7 @@ from qz_core.workflow import calibrate, convert, load_quantized, save_quantized,
 MODEL_SUFFIXES = (".pt", ".pth")
 LATENCY_ROUNDS = 5
 ONNX_SUFFIXES = (".onnx",)
+EXPORT_FORMATS = {"onnx": ONNX_SUFFIXES, "openvino": (".xml",)}  # format -> output file suffixes
 
 
 def _check_positive(**values: float | None) -> None:
@@ -304,18 +305,46 @@ def predict_images(source: ModelSource, images: Sequence[Path], out_dir: Path, *
     return written
 
 
-def export_model(source: ModelSource, out: Path, *, opset: int = 13, **model_kwargs: Any) -> list[OnnxReport]:
-    """Exports the FP32 and/or INT8 model to ONNX and checks each in onnxruntime against PyTorch.
+def _export_openvino(model: nn.Module, xml_path: Path, example: Any, opset: int) -> Any:
+    """ONNX export into a temporary folder (checked in onnxruntime), then OpenVINO IR from it."""
+    import tempfile
 
-    With both, the INT8 file gets ``_int8`` before its suffix.
+    from qz_core.openvino_runtime import write_openvino_ir
+
+    with tempfile.TemporaryDirectory(prefix="qz-export-") as work:
+        onnx_report = export_onnx(model, Path(work) / f"{xml_path.stem}.onnx", example, opset=opset)
+        return write_openvino_ir(onnx_report.path, xml_path, example, quantized=onnx_report.quantized)
+
+
+def export_model(
+    source: ModelSource, out: Path, *, opset: int = 13, format: str = "onnx", **model_kwargs: Any
+) -> list[Any]:
+    """Exports the FP32 and/or INT8 model to ONNX or OpenVINO IR, checking each file runs and agrees.
+
+    ONNX files are checked in onnxruntime against PyTorch (``OnnxReport``); OpenVINO IR (``format``
+    "openvino": ``out`` is the .xml, the .bin goes beside it) is converted from that ONNX export and
+    checked in OpenVINO against onnxruntime (``OpenVinoReport``). With both models, the INT8 file
+    gets ``_int8`` before its suffix.
+
+    Raises:
+        QzError: an unknown format, a bad output path, or OpenVINO not installed, before any model is built.
     """
+    if format not in EXPORT_FORMATS:
+        raise invalid_choice("export format", format, EXPORT_FORMATS)
     spec, weights = source.check()
-    target = check_output_path(out, "--out", ONNX_SUFFIXES)
+    target = check_output_path(out, "--out", EXPORT_FORMATS[format])
+    if format == "openvino":
+        from qz_core.openvino_runtime import import_openvino
+
+        import_openvino()
     task = get_task(spec.task)
     models = source.load(spec, weights, **{**spec.probe_kwargs, **model_kwargs})
     example = task.example_input(spec)
     reports = []
     for label, model in models.items():
         path = target.with_name(f"{target.stem}_int8{target.suffix}") if label == "INT8" and len(models) > 1 else target
-        reports.append(export_onnx(task.export_module(model), path, example, opset=opset))
+        if format == "openvino":
+            reports.append(_export_openvino(task.export_module(model), path, example, opset))
+        else:
+            reports.append(export_onnx(task.export_module(model), path, example, opset=opset))
     return reports

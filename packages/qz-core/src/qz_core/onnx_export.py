@@ -100,13 +100,32 @@ def _quantized_hardswish(g: Any, x: Any, scale: Any, zero_point: Any) -> Any:
 
 
 def _quantized_batch_norm(relu: bool) -> Callable[..., Any]:
-    """Symbolic for quantized::batch_norm2d(_relu): DequantizeLinear -> BatchNormalization [-> Relu] -> Q."""
+    """Symbolic for quantized::batch_norm2d(_relu): one multiply-add per channel on the integers [-> Relu] -> Q.
+
+    With ``k = weight / sqrt(var + eps)``, BatchNorm of the dequantized input ``(q - zp) * s`` is
+    ``q * (s * k) + (bias - mean * k - zp * s * k)``, so the symbolic casts the integers to float and
+    applies that per-channel affine (constants that exporters and runtimes fold). The plain form,
+    DequantizeLinear -> BatchNormalization, crashes OpenVINO 2026.4 (segfault in compile_model) after a
+    quantized Concat, as in DenseNet: Concat -> QuantizeLinear (zero point not 0) -> DequantizeLinear ->
+    ... -> QuantizeLinear. Both compute the same values in float.
+    """
     from torch.onnx import symbolic_helper as sh
+    from torch.onnx._internal.torchscript_exporter.symbolic_helper import _unpack_quantized_tensor
+
+    float32 = 1  # onnx.TensorProto.FLOAT
 
     @sh.parse_args("v", "v", "v", "v", "v", "f", "v", "v")
     def symbolic(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float, scale: Any, zp: Any) -> Any:
-        x, _, _, _ = sh.dequantize_helper(g, x)
-        out = g.op("BatchNormalization", x, weight, bias, mean, var, epsilon_f=eps)
+        values, in_scale, in_zp = _unpack_quantized_tensor(x)[:3]
+        eps_t = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
+        k = g.op("Div", weight, g.op("Sqrt", g.op("Add", var, eps_t)))
+        gain = g.op("Mul", k, g.op("Cast", in_scale, to_i=float32))
+        shift = g.op(
+            "Sub", g.op("Sub", bias, g.op("Mul", mean, k)), g.op("Mul", gain, g.op("Cast", in_zp, to_i=float32))
+        )
+        per_channel = g.op("Constant", value_t=torch.tensor([1, -1, 1, 1], dtype=torch.int64))
+        out = g.op("Mul", g.op("Cast", values, to_i=float32), g.op("Reshape", gain, per_channel))
+        out = g.op("Add", out, g.op("Reshape", shift, per_channel))
         return sh.quantize_helper(g, g.op("Relu", out) if relu else out, scale, zp)
 
     return symbolic

@@ -11,7 +11,7 @@ from pathlib import Path
 from qz_core.backend import supported_backends
 from qz_core.cli.arguments import onnx_opset, positive_int
 from qz_core.fusion import FUSE_LEVELS
-from qz_core.job import ModelSource, QuantizeRequest, export_model, predict_images, quantize_model
+from qz_core.job import EXPORT_FORMATS, ModelSource, QuantizeRequest, export_model, predict_images, quantize_model
 from qz_core.registry import get_model_spec, list_models, list_tasks
 
 WORKERS = min(4, os.cpu_count() or 1)
@@ -86,7 +86,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _show_warnings()
-    for report in export_model(_source(args), Path(args.out), opset=args.opset, **_model_kwargs(args)):
+    reports = export_model(_source(args), Path(args.out), opset=args.opset, format=args.format, **_model_kwargs(args))
+    for report in reports:
         print(report)
     return 0
 
@@ -145,11 +146,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export an FP32 or INT8 model to ONNX, checked in onnxruntime")
+    p = sub.add_parser(
+        "export",
+        help="export an FP32 or INT8 model to ONNX (checked in onnxruntime) or OpenVINO IR (checked in OpenVINO)",
+    )
     p.add_argument("model", nargs="?", default=None, help="model name (optional with --int8)")
     _add_source(p)
     p.add_argument(
-        "--out", required=True, help="ONNX file to write (with both --weights and --int8: also FILE_int8.onnx)"
+        "--out",
+        required=True,
+        help="file to write: .onnx, or .xml for --format openvino (its .bin beside it); with both --weights and "
+        "--int8 also FILE_int8.onnx / FILE_int8.xml",
+    )
+    p.add_argument(
+        "--format",
+        choices=tuple(EXPORT_FORMATS),
+        default="onnx",
+        help="onnx (default), or openvino: OpenVINO IR converted from the ONNX export "
+        "(pip install 'qz-core[openvino]')",
     )
     p.add_argument("--opset", type=onnx_opset, default=13, help="ONNX opset, 10 or more (default: 13)")
     p.set_defaults(func=_cmd_export)

@@ -85,7 +85,7 @@ def _print_written(paths: dict[str, Any]) -> None:
 def _bench_meta(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     from qz_core.tools.common import machine_info
 
-    return machine_info(args.threads, backend) | {
+    meta = machine_info(args.threads, backend) | {
         "batch_size": args.batch_size,
         "rounds": args.rounds,
         "warmup": args.warmup,
@@ -94,6 +94,11 @@ def _bench_meta(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         "ort_quantize": args.ort_quantize,
         "budget_s": args.budget,
     }
+    if args.openvino:
+        from qz_core.openvino_runtime import openvino_version
+
+        meta["openvino"] = openvino_version()
+    return meta
 
 
 def _publish_bench(rows: list[Any], args: argparse.Namespace, meta: dict[str, Any]) -> None:
@@ -120,6 +125,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise QzError(f"--budget must be a positive number of seconds; got {args.budget}.")
     if args.ort_quantize and not args.ort:
         raise QzError("--ort-quantize needs onnxruntime timing: drop --no-ort.")
+    if args.openvino:
+        from qz_core.openvino_runtime import import_openvino
+
+        import_openvino()
     names = select_models(args.models, task=args.task, all_models=args.all_models)
     backend = resolve_backend(args.backend)
     meta = _bench_meta(args, backend)
@@ -133,6 +142,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         backend=backend,
         ort=args.ort,
         ort_quantize=args.ort_quantize,
+        openvino=args.openvino,
         compare_torchvision=args.torchvision,
         calib_batches=args.calib_batches,
         input_size=args.input_size,
@@ -214,6 +224,12 @@ def _add_bench(sub: argparse._SubParsersAction, tasks: Sequence[str]) -> None:
         action="store_true",
         help="also quantize the FP32 ONNX with onnxruntime's own quantize_static (S8S8 defaults; U8S8 per-channel, "
         "QDQ and QOperator) on the same calibration data and time it against qz's INT8 ONNX",
+    )
+    p.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also time the FP32 and INT8 ONNX files in OpenVINO (needs pip install 'qz-core[openvino]'); the deployed "
+        "ratio then takes the fastest INT8 of eager, onnxruntime and OpenVINO",
     )
     p.add_argument("--torchvision", action="store_true", help="also time torchvision's own INT8 model of the same name")
     p.add_argument("--weights", default=None, help="weights for every model (DEFAULT, a path); random when omitted")

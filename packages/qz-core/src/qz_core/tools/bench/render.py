@@ -15,18 +15,22 @@ from qz_core.tools.markdown import ms, notes, num, table
 from qz_core.tools.ort_tools import ORT_OWN
 
 
-def _header(rows: Sequence[BenchRow], tv: bool, own: bool) -> list[str]:
-    header = ["Model", "before (ms)", "after (ms)", "ratio", "ORT FP32 (ms)", "ORT INT8 (ms)", "deployed ratio"]
+def _header(rows: Sequence[BenchRow], tv: bool, own: bool, ov: bool) -> list[str]:
+    header = ["Model", "before (ms)", "after (ms)", "ratio", "ORT FP32 (ms)", "ORT INT8 (ms)"]
+    header += ["OpenVINO FP32 (ms)", "OpenVINO INT8 (ms)", "OpenVINO INT8 layers"] if ov else []
+    header += ["deployed ratio"]
     header += ["target", "met"]
     header += ["torchvision INT8 (ms)"] if tv else []
     header += ["ORT own S8S8 (ms)", "ORT own U8S8 (ms)", "U8S8 format", "qz / ORT own", "qz as fast"] if own else []
     return header + ["FP32 (MB)", "INT8 (MB)", "peak RSS (MB)"]
 
 
-def _cells(r: BenchRow, tv: bool, own: bool) -> list[str]:
+def _cells(r: BenchRow, tv: bool, own: bool, ov: bool) -> list[str]:
     after = ms(r.ms("int8")) if "int8" in r.latency else ("error" if r.error else "-")
     cells = [r.model, ms(r.ms("fp32")), after, num(r.eager_ratio)]
-    cells += [ms(r.ms("ort_fp32")), ms(r.ms("ort_int8")), num(r.deployed_ratio)]
+    cells += [ms(r.ms("ort_fp32")), ms(r.ms("ort_int8"))]
+    cells += [ms(r.ms("ov_fp32")), ms(r.ms("ov_int8")), r.ov_int8_precision or "-"] if ov else []
+    cells += [num(r.deployed_ratio)]
     cells += [num(r.target), {True: "Y", False: "**N**", None: "-"}[r.meets_target]]
     cells += [ms(r.ms("tv_int8"))] if tv else []
     if own:
@@ -40,7 +44,7 @@ def _preamble(rows: Sequence[BenchRow], meta: dict[str, Any]) -> list[str]:
     lines = [
         f"Batch {rows[0].batch_size if rows else 1}, {meta.get('threads')} thread(s), backend "
         f"{meta.get('backend')}, median of {_rounds(meta)} interleaved rounds; {meta.get('cpu')}, "
-        f"torch {meta.get('torch')}, onnxruntime {meta.get('onnxruntime')} ({meta.get('date')}).",
+        f"torch {meta.get('torch')}, onnxruntime {meta.get('onnxruntime')}{_openvino(meta)} ({meta.get('date')}).",
         "",
     ]
     if meta.get("partial"):
@@ -49,19 +53,26 @@ def _preamble(rows: Sequence[BenchRow], meta: dict[str, Any]) -> list[str]:
     return lines + ([busy, ""] if busy else [])
 
 
+def _openvino(meta: dict[str, Any]) -> str:
+    return f", OpenVINO {meta['openvino']}" if meta.get("openvino") else ""
+
+
 def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None, *, collapse: bool = False) -> str:
     """The benchmark table (Model | before | after | ratio) plus ORT, targets and sizes.
 
     "before" is FP32 eager and "after" INT8 eager PyTorch, both medians in milliseconds. When
     onnxruntime's own quantization was timed, its S8S8 and faster U8S8 files follow, with qz's ORT
-    INT8 over the best of them and whether qz's file is at least as fast. With more than one family
+    INT8 over the best of them and whether qz's file is at least as fast. When OpenVINO was timed, its
+    FP32 and INT8 columns come before the deployed ratio (which takes the fastest INT8 of eager, onnxruntime
+    and OpenVINO), with the precisions OpenVINO's INT8 compute layers ran in. With more than one family
     a summary by family comes first; ``collapse`` folds the per-model table into a ``<details>``
     block (for a README).
     """
     tv = any("tv_int8" in r.latency for r in rows)
     own = any(k in r.latency for r in rows for k in ORT_OWN) or any(k in r.notes for r in rows for k in ORT_OWN)
+    ov = any(k in r.latency or k in r.notes for r in rows for k in ("ov_fp32", "ov_int8"))
     lines = _preamble(rows, meta) if meta else []
-    models = table(_header(rows, tv, own), [_cells(r, tv, own) for r in rows])
+    models = table(_header(rows, tv, own, ov), [_cells(r, tv, own, ov) for r in rows])
     if len({(r.task, r.family) for r in rows}) > 1:
         lines += ["By family (ratios: min / median / max):", "", bench_summary_markdown(rows), ""]
     if collapse:
@@ -186,7 +197,9 @@ def plot_ratios(rows: Sequence[BenchRow], path: str | os.PathLike) -> Path:
     ax.set_xticks(range(len(rows)), [r.model for r in rows], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("INT8 / FP32 latency")
     ax.set_title(
-        "INT8 / FP32 latency\nsolid: eager PyTorch; hatched: deployed = min(eager, ORT INT8); red: target", fontsize=10
+        "INT8 / FP32 latency\nsolid: eager PyTorch; hatched: deployed = fastest INT8 (eager, ORT, OpenVINO); "
+        "red: target",
+        fontsize=10,
     )
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[f]) for f in families]
     ax.legend(handles, families, title="family", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -25,7 +25,11 @@ RUNNERS = {
     "ort_s8s8": "ORT own S8S8",
     "ort_u8s8_qdq": "ORT own U8S8 QDQ",
     "ort_u8s8_qop": "ORT own U8S8 QOperator",
+    "ov_fp32": "OpenVINO FP32",
+    "ov_int8": "OpenVINO INT8",
 }
+# The INT8 deployments the deployed ratio takes the fastest of (the runtimes only where they ran the whole model).
+INT8_RUNTIMES = ("ort_int8", "ov_int8")
 
 NO_TORCHVISION_MODEL = "torchvision has no quantizable model of this name"
 
@@ -40,8 +44,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 class BenchRow:
     """One model's measurements; ``error`` is set when it could not be quantized or timed.
 
-    ``ort_partial`` is True when onnxruntime ran the task's export module (a detector's dense
-    network) rather than the whole model: its times then stay out of the deployed ratio.
+    ``ort_partial`` is True when the ONNX runtimes (onnxruntime, OpenVINO) ran the task's export
+    module (a detector's dense network) rather than the whole model: their times then stay out of
+    the deployed ratio. ``ov_int8_precision`` says what OpenVINO's INT8 compute layers run in
+    (``"u8 53, f32 1"``): integers in a real INT8 graph.
     """
 
     model: str
@@ -64,6 +70,7 @@ class BenchRow:
     target: float = 1.0
     hotspots: dict[str, str] = field(default_factory=dict)
     ort_partial: bool = False
+    ov_int8_precision: str | None = None
 
     def ms(self, key: str) -> float | None:
         """Median latency of runner ``key`` (see ``RUNNERS``) in ms, None if not timed."""
@@ -76,8 +83,8 @@ class BenchRow:
 
     @property
     def deployed_ratio(self) -> float | None:
-        """min(INT8 eager, ORT INT8) / FP32 eager: the best INT8 deployment against the FP32 baseline."""
-        candidates = ("int8",) if self.ort_partial else ("int8", "ort_int8")
+        """min(INT8 eager, ORT INT8, OpenVINO INT8) / FP32 eager: the best INT8 deployment against the FP32 baseline."""
+        candidates = ("int8",) if self.ort_partial else ("int8", *INT8_RUNTIMES)
         best = [t for t in map(self.ms, candidates) if t is not None]
         return _ratio(min(best), self.ms("fp32")) if best else None
 
@@ -98,6 +105,11 @@ class BenchRow:
     def ort_ratio(self) -> float | None:
         """ORT INT8 / ORT FP32."""
         return _ratio(self.ms("ort_int8"), self.ms("ort_fp32"))
+
+    @property
+    def ov_ratio(self) -> float | None:
+        """OpenVINO INT8 / OpenVINO FP32."""
+        return _ratio(self.ms("ov_int8"), self.ms("ov_fp32"))
 
     @property
     def torchvision_ratio(self) -> float | None:
@@ -157,6 +169,8 @@ class BenchRow:
             "slower_than_torchvision": self.slower_than_torchvision,
             "ort_ratio": self.ort_ratio,
             "ort_partial": self.ort_partial,
+            "ov_ratio": self.ov_ratio,
+            "ov_int8_precision": self.ov_int8_precision,
             "torchvision_ratio": self.torchvision_ratio,
             "ort_u8s8_ms": self.ms(self.ort_u8s8_key) if self.ort_u8s8_key else None,
             "ort_u8s8_format": self.ort_u8s8_format,
@@ -214,6 +228,7 @@ def _row_from_record(rec: dict[str, Any]) -> BenchRow:
         notes=_as_map(rec.get("notes")),
         hotspots=_as_map(rec.get("hotspots")),
         ort_partial=bool(rec.get("ort_partial", False)),
+        ov_int8_precision=rec.get("ov_int8_precision") or None,
     )
     for key in _SIZES:
         setattr(row, key, rec.get(key))

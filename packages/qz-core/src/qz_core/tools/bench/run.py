@@ -5,7 +5,9 @@ PTQ-calibrates and converts it, exports the task's export module in FP32 and INT
 times FP32 eager, INT8 eager, FP32 and INT8 in onnxruntime (and torchvision's own INT8 model where
 one of the same name exists) interleaved, round by round, so machine drift hits all alike. With
 ``ort_quantize`` it also quantizes the FP32 ONNX file with onnxruntime's own ``quantize_static``
-(``ORT_OWN``) and times those files in the same rounds.
+(``ORT_OWN``) and times those files in the same rounds. With ``openvino`` it also compiles the same FP32
+and INT8 ONNX files with OpenVINO (each checked in a child process first, so a crash is the row's note)
+and times them in the same rounds.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class _Settings:
     weights: str | None
     ort: bool
     ort_quantize: bool
+    openvino: bool
     compare_torchvision: bool
     calib_batches: int
     input_size: tuple[int, int] | None
@@ -189,24 +192,47 @@ def _int8_model(run: _Run, builder: Callable[..., nn.Module], checkpoint: Path) 
     return int8
 
 
-def _ort_runners(run: _Run, export_module: Callable[[nn.Module], nn.Module], int8: nn.Module | None) -> None:
-    """Exports the FP32 and INT8 export modules to ONNX and adds their onnxruntime sessions (and ORT's own INT8)."""
+def _onnx_files(run: _Run, export_module: Callable[[nn.Module], nn.Module], int8: nn.Module | None) -> dict[str, Path]:
+    """Exports the FP32 and INT8 export modules to ONNX: "fp32"/"int8" -> file; a failed export is a note."""
     from qz_core.onnx_export import export_onnx
 
-    threads = run.settings.threads
+    engine = "ort" if run.settings.ort else "ov"
     run.row.ort_partial = export_module(run.float_model) is not run.float_model
-    for key, model in (("ort_fp32", run.float_model), ("ort_int8", int8)):
+    paths = {}
+    for kind, model in (("fp32", run.float_model), ("int8", int8)):
         if model is None:
             continue
-        path = run.work / f"{run.name}_{key}.onnx"
-        report = run.note(key, lambda m=model, p=path: export_onnx(export_module(m), p, run.x, check=False))
-        session = None if report is None else run.note(key, lambda p=path: ort_session(p, threads))
+        path = run.work / f"{run.name}_ort_{kind}.onnx"
+        report = run.note(
+            f"{engine}_{kind}", lambda m=model, p=path: export_onnx(export_module(m), p, run.x, check=False)
+        )
+        if report is not None:
+            paths[kind] = path
+            setattr(run.row, f"{kind}_onnx_mb", report.size_mb)
+    return paths
+
+
+def _ort_runners(run: _Run, paths: dict[str, Path]) -> None:
+    """Adds the onnxruntime sessions of the exported ONNX files (and of ORT's own INT8 files)."""
+    threads = run.settings.threads
+    for kind, path in paths.items():
+        session = run.note(f"ort_{kind}", lambda p=path: ort_session(p, threads))
         if session is not None:
-            run.runners[key] = ort_runner(session, run.x)
-            setattr(run.row, f"{key.removeprefix('ort_')}_onnx_mb", report.size_mb)
-    fp32_path = run.work / f"{run.name}_ort_fp32.onnx"
-    if run.settings.ort_quantize and fp32_path.is_file():
-        run.runners |= ort_own_runners(run.name, fp32_path, run.calibration, run.x, threads, run.note)
+            run.runners[f"ort_{kind}"] = ort_runner(session, run.x)
+    if run.settings.ort_quantize and "fp32" in paths:
+        run.runners |= ort_own_runners(run.name, paths["fp32"], run.calibration, run.x, threads, run.note)
+
+
+def _ov_runners(run: _Run, paths: dict[str, Path]) -> None:
+    """Adds OpenVINO's compiled models of the exported ONNX files; a crash or failure is a note under its key."""
+    from qz_core.openvino_runtime import describe_precisions, ov_checked_compile, ov_runner, precision_counts
+
+    for kind, path in paths.items():
+        compiled = run.note(f"ov_{kind}", lambda p=path: ov_checked_compile(p, run.settings.threads))
+        if compiled is not None:
+            run.runners[f"ov_{kind}"] = ov_runner(compiled, run.x)
+            if kind == "int8":
+                run.row.ov_int8_precision = describe_precisions(precision_counts(compiled))
 
 
 def _torchvision_runner(run: _Run) -> None:
@@ -242,8 +268,12 @@ def _bench_one(run: _Run) -> None:
     run.x = task.example_input(shaped, run.row.batch_size)
     checkpoint = _float_model(run, builder, task.settle_random_weights)
     int8 = _int8_model(run, builder, checkpoint)
-    if run.settings.ort:
-        _ort_runners(run, task.export_module, int8)
+    if run.settings.ort or run.settings.openvino:
+        paths = _onnx_files(run, task.export_module, int8)
+        if run.settings.ort:
+            _ort_runners(run, paths)
+        if run.settings.openvino:
+            _ov_runners(run, paths)
     if run.settings.compare_torchvision:
         _torchvision_runner(run)
     s = run.settings
@@ -254,12 +284,16 @@ def _bench_one(run: _Run) -> None:
         _profile_miss(run, int8)
 
 
-def _check(batch_size: int, threads: int, rounds: int, ort: bool, ort_quantize: bool) -> None:
+def _check(batch_size: int, threads: int, rounds: int, ort: bool, ort_quantize: bool, openvino: bool) -> None:
     for label, value in (("batch_size", batch_size), ("threads", threads), ("rounds", rounds)):
         if value < 1:
             raise QzError(f"{label} must be at least 1; got {value}.")
     if ort_quantize and not ort:
         raise QzError("ort_quantize needs ort=True: onnxruntime's own quantization starts from the FP32 ONNX file.")
+    if openvino:
+        from qz_core.openvino_runtime import import_openvino
+
+        import_openvino()
 
 
 def _measure(name: str, settings: _Settings, backend: str) -> BenchRow:
@@ -293,6 +327,7 @@ def run_benchmark(
     backend: str | None = None,
     ort: bool = True,
     ort_quantize: bool = False,
+    openvino: bool = False,
     compare_torchvision: bool = False,
     calib_batches: int = 4,
     input_size: tuple[int, int] | None = None,
@@ -306,7 +341,7 @@ def run_benchmark(
     Args:
         names: registered model names.
         batch_size: images per timed call.
-        threads: intra-op threads of PyTorch and onnxruntime alike.
+        threads: intra-op threads of PyTorch, onnxruntime and OpenVINO alike.
         rounds: timed interleaved rounds (each runs every runner once).
         warmup: untimed calls of each runner first.
         weights: weights name or checkpoint path for every model; random weights (settled by the
@@ -316,6 +351,8 @@ def run_benchmark(
         ort_quantize: also quantize the FP32 ONNX file with onnxruntime's own ``quantize_static``
             (``ORT_OWN``: its S8S8 defaults, U8S8 per-channel QDQ and QOperator) on the same
             calibration batches, and time those files too (needs ``ort``).
+        openvino: also compile the FP32 and INT8 ONNX files with OpenVINO (CPU, ``threads`` threads,
+            latency hint) and time them; a model OpenVINO crashes or fails on gets a note, not an error.
         compare_torchvision: also time torchvision's own INT8 model of the same name where one exists.
         calib_batches: random calibration batches (of 2 inputs).
         input_size: (height, width) instead of each model's standard input size.
@@ -325,9 +362,9 @@ def run_benchmark(
         on_row: called with the rows so far after each model (to save results as they come).
 
     Raises:
-        QzError: a count below 1, or ``ort_quantize`` without ``ort``.
+        QzError: a count below 1, ``ort_quantize`` without ``ort``, or ``openvino`` without OpenVINO installed.
     """
-    _check(batch_size, threads, rounds, ort, ort_quantize)
+    _check(batch_size, threads, rounds, ort, ort_quantize, openvino)
     backend = resolve_backend(backend)
     with timing_state(threads):
         settings = _Settings(
@@ -338,6 +375,7 @@ def run_benchmark(
             weights,
             ort,
             ort_quantize,
+            openvino,
             compare_torchvision,
             calib_batches,
             input_size,
