@@ -68,7 +68,7 @@ def _torchvision(name: str, **kwargs):
 CASES = {
     "classification": _torchvision("mobilenet_v3_small"),
     "detection": _torchvision("ssdlite320_mobilenet_v3_large", weights_backbone=None),
-    "yolo": ("yolov5n", _ultralytics_checkpoint),
+    "yolo": ("yolov5nu", _ultralytics_checkpoint),
     "segmentation": _torchvision("lraspp_mobilenet_v3_large", weights_backbone=None),
 }
 
@@ -136,7 +136,8 @@ def test_using_a_model_of_every_task_leaves_torch_and_pil_alone():
     code = (
         "import torch, PIL.Image, qz_core\n"
         "save, open_ = torch.save, PIL.Image.open\n"
-        "for name in ('mobilenet_v3_small', 'yolov5n', 'ssdlite320_mobilenet_v3_large', 'lraspp_mobilenet_v3_large'):\n"
+        "for name in ('mobilenet_v3_small', 'yolov5nu', 'ssdlite320_mobilenet_v3_large', "
+        "'lraspp_mobilenet_v3_large'):\n"
         "    qz_core.get_model(name)\n"
         "assert 'ultralytics' in __import__('sys').modules\n"
         "print(torch.save is save, PIL.Image.open is open_)\n"

@@ -69,6 +69,7 @@ def test_demo_options():
     args = parser.parse_args(["--epochs", "2", "--image-size", "96"])
     assert (args.epochs, args.qat_epochs, args.image_size, args.num_train) == (2, DEMO.qat_epochs, 96, DEMO.num_train)
     assert callable(args.func) and args.out_dir == "qz-out/demo-detection"
+    assert DEMO.model == "yolov5nu"
     assert all(action.help for action in parser._actions)
 
 
@@ -86,12 +87,13 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
         assert picture.width >= 2 * 64  # FP32 and INT8 side by side
     out = capsys.readouterr().out
     assert "box mAP" in out and "INT8 QAT" in out and "drop vs FP32" in out
+    assert "yolov5nu_64px: box mAP" in out  # the title names the model
 
 
 def test_image_size_off_the_stride_is_refused_before_any_work(tmp_path):
     from qz_core import QzError
     from qz_detection.demo import run_demo
 
-    with pytest.raises(QzError, match="--image-size must be a multiple of yolov5n's stride 32; got 100"):
+    with pytest.raises(QzError, match="--image-size must be a multiple of yolov5nu's stride 32; got 100"):
         run_demo(image_size=100, out_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

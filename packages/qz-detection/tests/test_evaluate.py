@@ -242,7 +242,7 @@ def test_bad_folders_files_and_models_are_clear_errors(coco, tmp_path, capsys):
         evaluate_detector(TV_STUB, data=coco, progress=False)
     with pytest.raises(QzError, match="detection model; 'resnet18' is a classification model"):
         evaluate_detector("resnet18", data=coco, progress=False)
-    with pytest.raises(QzError, match=r"Invalid model name 'yolov5q'\. Did you mean .*'yolov5n'"):
+    with pytest.raises(QzError, match=r"Invalid model name 'yolov5q'\. Did you mean .*'yolov5nu'"):
         evaluate_detector("yolov5q", data=coco, progress=False)
     from qz_core.cli import main
 
@@ -254,7 +254,7 @@ def test_bad_folders_files_and_models_are_clear_errors(coco, tmp_path, capsys):
     ("name", "kwargs"),
     [
         ("ssdlite320_mobilenet_v3_large", {"backend": "x86"}),
-        ("yolov5n", {"backend": "qnnpack", "num_classes": 3, "image_size": 64}),
+        ("yolov5nu", {"backend": "qnnpack", "num_classes": 3, "image_size": 64}),
     ],
 )
 def test_real_detectors_run_fp32_and_int8(tmp_path, name, kwargs):

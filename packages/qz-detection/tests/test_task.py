@@ -66,17 +66,17 @@ def test_calibration_photos_batch_as_a_list_for_torchvision_and_stacked_for_yolo
     model = qz_core.get_model("ssdlite320_mobilenet_v3_large", quantize=True, activation_observer="minmax")
     assert calibrate(model, [batch], inputs=TASK.model_inputs, progress=False) == 1
 
-    spec = qz_core.get_model_spec("yolov5n")
+    spec = qz_core.get_model_spec("yolov5nu")
     dataset = TASK.calibration_data(spec, photos, TASK.transform(spec, None))
     batch = next(iter(DataLoader(dataset, batch_size=2, collate_fn=TASK.collate)))
     assert TASK.model_inputs(batch).shape == (2, 3, 640, 640)
-    model = qz_core.get_model("yolov5n", quantize=True, activation_observer="minmax")
+    model = qz_core.get_model("yolov5nu", quantize=True, activation_observer="minmax")
     calibrate(model, [batch], inputs=TASK.model_inputs, progress=False)
     assert qz_core.is_quantized(convert(model))
 
 
 def test_empty_or_missing_calibration_folder_is_a_clear_error(tmp_path):
-    spec = qz_core.get_model_spec("yolov5n")
+    spec = qz_core.get_model_spec("yolov5nu")
     with pytest.raises(QzError, match="does not exist"):
         TASK.calibration_data(spec, tmp_path / "nowhere", LetterBox())
     (tmp_path / ".hidden.png").write_bytes(b"")
@@ -97,7 +97,7 @@ def test_letterbox_boxes_round_trip():
 def test_training_folders_give_a_qat_loss_for_yolo_and_torchvision(tmp_path, photos, layout):
     yolo_folder, coco_folder = _labelled_folders(tmp_path, photos)
     folder = yolo_folder if layout == "yolo" else coco_folder
-    spec = qz_core.get_model_spec("yolov5n")
+    spec = qz_core.get_model_spec("yolov5nu")
     dataset = TASK.training_data(spec, folder, LetterBox(160))
     image, target = dataset[0]
     assert image.shape == (3, 160, 160) and target["image_size"] == (1080, 810)
@@ -106,7 +106,7 @@ def test_training_folders_give_a_qat_loss_for_yolo_and_torchvision(tmp_path, pho
     assert torch.allclose(target["boxes"][0], torch.tensor([243.0, 216.0, 567.0, 864.0]), atol=0.5)
     batch = TASK.collate([dataset[0], dataset[1]])
     assert isinstance(batch, DetectionBatch) and batch.images.shape == (2, 3, 160, 160)
-    model = qz_core.get_model("yolov5n", quantize=True, is_qat=True, num_classes=6)
+    model = qz_core.get_model("yolov5nu", quantize=True, is_qat=True, num_classes=6)
     model.train()
     loss = TASK.training_loss(model, batch)
     assert torch.isfinite(loss) and loss > 0
@@ -122,7 +122,7 @@ def test_training_folders_give_a_qat_loss_for_yolo_and_torchvision(tmp_path, pho
 
 
 def test_training_folder_errors_name_the_layouts(tmp_path):
-    spec = qz_core.get_model_spec("yolov5n")
+    spec = qz_core.get_model_spec("yolov5nu")
     with pytest.raises(QzError, match="needs one COCO instances"):
         TASK.training_data(spec, tmp_path, LetterBox())
     (tmp_path / "images").mkdir()
@@ -135,19 +135,19 @@ def test_training_folder_errors_name_the_layouts(tmp_path):
 
 def test_predict_and_draw_on_a_real_photo():
     bus = Image.open(ASSETS / "bus.jpg")
-    model = qz_core.get_model("yolov5n")
+    model = qz_core.get_model("yolov5nu")
     model.conf_thres, model.max_det = 0.0, 5  # random weights: every score is near zero
-    spec = qz_core.get_model_spec("yolov5n")
+    spec = qz_core.get_model_spec("yolov5nu")
     (prediction,) = TASK.predict(model, [bus], TASK.transform(spec, None))
     boxes = prediction["boxes"]
     assert boxes.shape == (5, 4) and prediction["labels"].shape == prediction["scores"].shape == (5,)
     assert (boxes[:, 0::2] <= bus.width).all() and (boxes[:, 1::2] <= bus.height).all() and (boxes >= 0).all()
     names = [f"class{i}" for i in range(80)]
     confident = dict(prediction, scores=torch.full((5,), 0.9))
-    picture = TASK.draw(bus, confident, names, "yolov5n FP32")
+    picture = TASK.draw(bus, confident, names, "yolov5nu FP32")
     assert picture.size == (bus.width, bus.height + 28)
     assert not np.array_equal(np.asarray(picture)[28:], np.asarray(bus.convert("RGB")))
-    unsure = TASK.draw(bus, dict(prediction, scores=torch.full((5,), 0.1)), names, "yolov5n FP32")
+    unsure = TASK.draw(bus, dict(prediction, scores=torch.full((5,), 0.1)), names, "yolov5nu FP32")
     assert np.array_equal(np.asarray(unsure)[28:], np.asarray(bus.convert("RGB")))  # below the drawing threshold
 
     model = qz_core.get_model("ssdlite320_mobilenet_v3_large")
@@ -160,10 +160,10 @@ def test_predict_and_draw_on_a_real_photo():
 
 
 def test_export_module_and_example_training_batch_per_model_kind():
-    spec = qz_core.get_model_spec("yolov5n")
-    model = qz_core.get_model("yolov5n")
+    spec = qz_core.get_model_spec("yolov5nu")
+    model = qz_core.get_model("yolov5nu")
     assert type(TASK.export_module(model)).__name__ == "YoloPredictions"
-    exported = qz_core.get_model("yolov5n", **spec.probe_kwargs)
+    exported = qz_core.get_model("yolov5nu", **spec.probe_kwargs)
     assert TASK.export_module(exported) is exported
     ssd = qz_core.get_model("ssdlite320_mobilenet_v3_large")
     assert type(TASK.export_module(ssd)).__name__ == "DenseDetector"
@@ -212,7 +212,7 @@ def test_eval_refuses_bad_numbers_by_name(extra, option, value, capsys, monkeypa
     evaluate = importlib.import_module("qz_detection.evaluate")
     monkeypatch.setattr(evaluate, "evaluate_detector", lambda *a, **k: pytest.fail("the evaluation ran"))
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "detection", "--model", "yolov5n", "--data", "coco", *extra])
+        main(["eval", "detection", "--model", "yolov5nu", "--data", "coco", *extra])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("qz eval detection: error:") and f"argument {option}: must be an integer >=" in err

@@ -1,7 +1,7 @@
-"""``qz demo detection``: FP32 vs INT8 PTQ vs INT8 QAT YOLOv5n on canvases of real handwritten digits.
+"""``qz demo detection``: FP32 vs INT8 PTQ vs INT8 QAT YOLOv5nu on canvases of real handwritten digits.
 
 scikit-learn's 8x8 digits are upsampled onto 128x128 photo crops (``qz_classification.digits_canvas``),
-each boxed tightly around its stroke pixels (10 classes). qz's ``yolov5n`` (ultralytics' anchor-free
+each boxed tightly around its stroke pixels (10 classes). qz's ``yolov5nu`` (ultralytics' anchor-free
 YOLOv5u) trains from scratch in FP32 at 128 px, then ``qz_core.job.quantize_model`` makes the INT8
 models by PTQ and by QAT, and the table compares COCO box mAP@[.5:.95] (pycocotools), size and
 batch-1 latency on canvases of held-out digit images.
@@ -82,7 +82,7 @@ def box_map(model: nn.Module, task: Task, spec: ModelSpec, folder: Path, transfo
 
 DEMO = CanvasDemo(
     task="detection",
-    model="yolov5n",
+    model="yolov5nu",
     metric="box mAP",
     num_classes=NUM_DIGITS,
     evaluate=box_map,

@@ -1,6 +1,6 @@
 """Quantizable detection models; importing this module registers them with qz-core.
 
-torchvision's RetinaNet, FCOS, SSD, SSDLite and Faster R-CNN, and ultralytics' YOLOv3/v5. ultralytics
+torchvision's RetinaNet, FCOS, SSD, SSDLite and Faster R-CNN, and ultralytics' YOLOv3u/v5u/v8/11. ultralytics
 is imported on the first YOLO build; ``QuantizableYOLO`` is resolved on first access (PEP 562).
 """
 
@@ -14,14 +14,24 @@ from qz_detection.models.ssd import *  # noqa: F403
 from qz_detection.models.ssdlite import *  # noqa: F403
 from qz_detection.models.yolo import (  # noqa: F401
     read_yolo_checkpoint,
-    yolov3,
-    yolov3_spp,
-    yolov3_tiny,
-    yolov5l,
-    yolov5m,
-    yolov5n,
-    yolov5s,
-    yolov5x,
+    yolo11l,
+    yolo11m,
+    yolo11n,
+    yolo11s,
+    yolo11x,
+    yolov3_sppu,
+    yolov3_tinyu,
+    yolov3u,
+    yolov5lu,
+    yolov5mu,
+    yolov5nu,
+    yolov5su,
+    yolov5xu,
+    yolov8l,
+    yolov8m,
+    yolov8n,
+    yolov8s,
+    yolov8x,
 )
 
 

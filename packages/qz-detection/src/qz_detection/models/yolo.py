@@ -1,13 +1,15 @@
-"""Quantizable YOLOv3 and YOLOv5 (ultralytics), the whole network INT8 with SiLU kept.
+"""Quantizable YOLOv3u, YOLOv5u, YOLOv8 and YOLO11 (ultralytics), INT8 with SiLU kept.
 
 The models are ultralytics' own ``DetectionModel`` built from the configs it ships
-(``ultralytics/cfg/models/v3``, ``v5``), so ultralytics checkpoints load unchanged. Every Conv is
-conv-bn fused with its SiLU as ``x * sigmoid(x)`` (a quantized sigmoid and multiply,
-``qz_core.QuantizableSiLU``); bottleneck adds and concats run through ``FloatFunctional``; the SPPF
-max pools and the neck's nearest upsampling run on INT8 tensors; the Detect head's convs are INT8.
-After a DeQuantStub the head's post-processing stays in float: the DFL integral, anchors, box
-decoding (``dist2bbox``), the score sigmoid and the concat of boxes and scores. Unquantized, a
-model computes exactly what ultralytics' computes on the same weights.
+(``ultralytics/cfg/models/v3``, ``v5``, ``v8``, ``11``), so ultralytics checkpoints load unchanged.
+Every Conv is conv-bn fused with its SiLU as ``x * sigmoid(x)`` (a quantized sigmoid and multiply,
+``qz_core.QuantizableSiLU``); bottleneck adds, the C2f/C3k2/C2PSA splits and concats run on INT8
+tensors (adds and concats through ``FloatFunctional``); the SPPF max pools and the neck's nearest
+upsampling run on INT8 tensors; the Detect head's convs are INT8. After a DeQuantStub the head's
+post-processing stays in float: the DFL integral, anchors, box decoding (``dist2bbox``), the score
+sigmoid and the concat of boxes and scores. YOLO11's attention keeps one float island per attention
+block, its softmax(q^T k) product (``qz_detection.models.yolo_blocks`` says why); v3, v5 and v8 have
+none. Unquantized, a model computes exactly what ultralytics' computes on the same weights.
 
 ultralytics' v5 configs are the anchor-free "YOLOv5u" (the YOLOv8 Detect head with DFL), and its
 v3 configs use that head too: these are the models ultralytics trains and ships as
@@ -39,14 +41,24 @@ __all__ = [  # noqa: F822 - QuantizableYOLO and yolo_detection_loss come from __
     "QuantizableYOLO",
     "read_yolo_checkpoint",
     "yolo_detection_loss",
-    "yolov3",
-    "yolov3_spp",
-    "yolov3_tiny",
-    "yolov5n",
-    "yolov5s",
-    "yolov5m",
-    "yolov5l",
-    "yolov5x",
+    "yolov3u",
+    "yolov3_sppu",
+    "yolov3_tinyu",
+    "yolov5nu",
+    "yolov5su",
+    "yolov5mu",
+    "yolov5lu",
+    "yolov5xu",
+    "yolov8n",
+    "yolov8s",
+    "yolov8m",
+    "yolov8l",
+    "yolov8x",
+    "yolo11n",
+    "yolo11s",
+    "yolo11m",
+    "yolo11l",
+    "yolo11x",
 ]
 
 YOLO_INPUT_SIZE = (640, 640)
@@ -117,7 +129,7 @@ def letterbox_640() -> LetterBox:
 
 
 _BASE = ModelSpec(
-    name="yolov5n",
+    name="yolov5nu",
     task="detection",
     family="yolo",
     make_model=make_yolo,
@@ -135,12 +147,22 @@ def _spec(name: str, cfg: str, description: str) -> ModelSpec:
     return _BASE.variant(name=name, fixed_kwargs={"cfg": cfg}, description=f"{description} (ultralytics {cfg})")
 
 
-yolov3 = define_model(_spec("yolov3", "yolov3.yaml", "YOLOv3u"))
-yolov3_spp = define_model(_spec("yolov3_spp", "yolov3-spp.yaml", "YOLOv3u-SPP"))
-yolov3_tiny = define_model(_spec("yolov3_tiny", "yolov3-tiny.yaml", "YOLOv3u-tiny"))
+yolov3u = define_model(_spec("yolov3u", "yolov3.yaml", "YOLOv3u"))
+yolov3_sppu = define_model(_spec("yolov3_sppu", "yolov3-spp.yaml", "YOLOv3u-SPP"))
+yolov3_tinyu = define_model(_spec("yolov3_tinyu", "yolov3-tiny.yaml", "YOLOv3u-tiny"))
 # The scale letter in the file name picks depth, width and max channels from yolov5.yaml's `scales`.
-yolov5n = define_model(_BASE)
-yolov5s = define_model(_spec("yolov5s", "yolov5s.yaml", "YOLOv5u small"))
-yolov5m = define_model(_spec("yolov5m", "yolov5m.yaml", "YOLOv5u medium"))
-yolov5l = define_model(_spec("yolov5l", "yolov5l.yaml", "YOLOv5u large"))
-yolov5x = define_model(_spec("yolov5x", "yolov5x.yaml", "YOLOv5u extra large"))
+yolov5nu = define_model(_BASE)
+yolov5su = define_model(_spec("yolov5su", "yolov5s.yaml", "YOLOv5u small"))
+yolov5mu = define_model(_spec("yolov5mu", "yolov5m.yaml", "YOLOv5u medium"))
+yolov5lu = define_model(_spec("yolov5lu", "yolov5l.yaml", "YOLOv5u large"))
+yolov5xu = define_model(_spec("yolov5xu", "yolov5x.yaml", "YOLOv5u extra large"))
+yolov8n = define_model(_spec("yolov8n", "yolov8n.yaml", "YOLOv8 nano"))
+yolov8s = define_model(_spec("yolov8s", "yolov8s.yaml", "YOLOv8 small"))
+yolov8m = define_model(_spec("yolov8m", "yolov8m.yaml", "YOLOv8 medium"))
+yolov8l = define_model(_spec("yolov8l", "yolov8l.yaml", "YOLOv8 large"))
+yolov8x = define_model(_spec("yolov8x", "yolov8x.yaml", "YOLOv8 extra large"))
+yolo11n = define_model(_spec("yolo11n", "yolo11n.yaml", "YOLO11 nano"))
+yolo11s = define_model(_spec("yolo11s", "yolo11s.yaml", "YOLO11 small"))
+yolo11m = define_model(_spec("yolo11m", "yolo11m.yaml", "YOLO11 medium"))
+yolo11l = define_model(_spec("yolo11l", "yolo11l.yaml", "YOLO11 large"))
+yolo11x = define_model(_spec("yolo11x", "yolo11x.yaml", "YOLO11 extra large"))

@@ -21,14 +21,7 @@ from qz_core import QzError, estimate_bn_stats, fuse_modules, replace_silu
 from qz_core.fusion import check_fuse_level
 from qz_detection._ultralytics import import_ultralytics
 from qz_detection.detector import Detection, Target
-from qz_detection.models.yolo_blocks import (
-    QuantizableBottleneck,
-    QuantizableC3,
-    QuantizableSPP,
-    QuantizableSPPF,
-    conv_bn_groups,
-    swap_blocks,
-)
+from qz_detection.models.yolo_blocks import FUSE_SCOPES, conv_bn_groups, swap_blocks
 from qz_detection.transforms import boxes_from_letterbox, boxes_to_letterbox
 
 __all__ = ["QuantizableYOLO", "YoloPredictions", "read_ultralytics_checkpoint", "yolo_detection_loss"]
@@ -63,8 +56,8 @@ class QuantizableYOLO(DetectionModel):
     """ultralytics' ``DetectionModel`` with a QuantStub in front and quantizable blocks.
 
     Args:
-        cfg: an ultralytics model config: a name such as ``"yolov5n.yaml"`` (the scale letter picks
-            depth and width from ``yolov5.yaml``) or a config dict.
+        cfg: an ultralytics model config: a name such as ``"yolov5n.yaml"`` or ``"yolo11n.yaml"`` (the
+            scale letter picks depth and width from ``yolov5.yaml``, ``yolo11.yaml``) or a config dict.
         num_classes: number of classes of the Detect head.
         in_channels: input image channels.
         export: return only the decoded predictions in eval (ultralytics' ``Detect.export``).
@@ -73,7 +66,7 @@ class QuantizableYOLO(DetectionModel):
         conf_thres, iou_thres, max_det: ``detect``'s NMS settings (ultralytics' predict defaults).
 
     Raises:
-        QzError: the config uses blocks qz has no quantizable version of (YOLOv8+ blocks such as C2f).
+        QzError: the config uses blocks qz has no quantizable version of (YOLOv10's SCDown, YOLO12's A2C2f...).
     """
 
     conf_thres = 0.25
@@ -94,14 +87,13 @@ class QuantizableYOLO(DetectionModel):
         return super()._predict_once(quant(x) if quant is not None else x, profile, embed)
 
     def fuse_model(self, is_qat: bool = False, level: str = "all") -> None:
-        """Fuses conv-bn of every Conv ('all') or of those inside the residual/CSP/SPP blocks ('blocks').
+        """Fuses conv-bn of every Conv ('all') or of those inside the residual/CSP/SPP/attention blocks ('blocks').
 
         SiLU does not fuse: it follows the fused conv as a quantized sigmoid and multiply.
         """
         if check_fuse_level(level) == "none":
             return
-        scopes = None if level == "all" else (QuantizableBottleneck, QuantizableC3, QuantizableSPPF, QuantizableSPP)
-        fuse_modules(self, conv_bn_groups(self, scopes), is_qat)
+        fuse_modules(self, conv_bn_groups(self, None if level == "all" else FUSE_SCOPES), is_qat)
 
     def detection_inputs(self, images: Sequence[Tensor]) -> Tensor:
         """Letterboxed images of one size, stacked.
