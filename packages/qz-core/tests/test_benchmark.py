@@ -197,10 +197,10 @@ def test_bench_markdown_values() -> None:
     row = BenchRow("m", latency={"fp32": Latency(10.0, 9.0, 11.0, 5), "int8": Latency(4.0, 3.5, 4.5, 5)})
     row.latency["ort_int8"] = Latency(2.5, 2.0, 3.0, 5)
     line = next(ln for ln in bench_markdown([row]).splitlines() if ln.startswith("| m |"))
-    assert line.startswith("| m | 10.00 | 4.00 | 0.40 | - | 2.50 | 0.25 | 1.00 | Y |")
+    assert line.startswith("| m | 10.00 | 4.00 | 0.40 | - | 2.50 | 0.25 | 0.25 | 1.00 | Y |")
     row.target = 0.2
     missed = bench_markdown([row])
-    assert "| 0.25 | 0.20 | **N** |" in missed and "deployed ratio 0.25 > target 0.20" in missed
+    assert "| 0.25 | 0.25 | 0.20 | **N** |" in missed and "deployed ratio 0.25 > target 0.20" in missed
     assert "ORT own" not in bench_markdown([row])
     row.latency |= {"ort_s8s8": Latency(6.0, 5, 7, 5), "ort_u8s8_qdq": Latency(2.4, 2, 3, 5)}
     row.latency["ort_u8s8_qop"] = Latency(2.0, 1.5, 2.5, 5)
@@ -210,7 +210,20 @@ def test_bench_markdown_values() -> None:
         "| peak RSS (MB) |"
     )
     line = next(ln for ln in lines if ln.startswith("| m |"))
-    assert "| 0.25 | 0.20 | **N** | 6.00 | 2.00 | QOperator | 1.25 | N |" in line
+    assert "| 0.25 | 0.25 | 0.20 | **N** | 6.00 | 2.00 | QOperator | 1.25 | N |" in line
+
+
+def test_int8_no_faster_than_the_fastest_fp32_runtime_is_flagged() -> None:
+    row = BenchRow("m", target=0.5, latency={"fp32": Latency(30.0, 29, 31, 5), "int8": Latency(24.0, 23, 25, 5)})
+    row.latency |= {"ort_fp32": Latency(13.0, 12, 14, 5), "ort_int8": Latency(10.0, 9, 11, 5)}
+    row.latency |= {"ov_fp32": Latency(12.5, 12, 13, 5), "ov_int8": Latency(16.0, 15, 17, 5)}
+    assert row.deployed_ratio == pytest.approx(10.0 / 30.0) and row.meets_target  # against FP32 eager: fine
+    assert row.int8_vs_fastest_fp32 == pytest.approx(10.0 / 12.5) and row.worth_deploying is False
+    text = bench_markdown([row])
+    assert "| 0.33 | 0.80 **!** | 0.50 | Y |" in text
+    assert "its fastest INT8 takes 0.80 of the fastest FP32 runtime's time" in text
+    row.ort_partial = True  # runtimes that ran only part of the model compare eager with eager
+    assert row.int8_vs_fastest_fp32 == pytest.approx(24.0 / 30.0)
 
 
 def test_torchvision_int8_runs_with_the_same_weights() -> None:

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from qz_core.files import atomic_path, write_text_atomic
-from qz_core.tools.bench.results import NO_TORCHVISION_MODEL, BenchRow, write_bench_csv, write_bench_json
+from qz_core.tools.bench.results import (
+    NO_TORCHVISION_MODEL,
+    WORTH_DEPLOYING,
+    BenchRow,
+    write_bench_csv,
+    write_bench_json,
+)
 from qz_core.tools.markdown import ms, notes, num, table
 from qz_core.tools.ort_tools import ORT_OWN
 
@@ -18,7 +24,7 @@ from qz_core.tools.ort_tools import ORT_OWN
 def _header(rows: Sequence[BenchRow], tv: bool, own: bool, ov: bool) -> list[str]:
     header = ["Model", "before (ms)", "after (ms)", "ratio", "ORT FP32 (ms)", "ORT INT8 (ms)"]
     header += ["OpenVINO FP32 (ms)", "OpenVINO INT8 (ms)", "OpenVINO INT8 layers"] if ov else []
-    header += ["deployed ratio"]
+    header += ["deployed ratio", "INT8 / fastest FP32"]
     header += ["target", "met"]
     header += ["torchvision INT8 (ms)"] if tv else []
     header += ["ORT own S8S8 (ms)", "ORT own U8S8 (ms)", "U8S8 format", "qz / ORT own", "qz as fast"] if own else []
@@ -30,7 +36,7 @@ def _cells(r: BenchRow, tv: bool, own: bool, ov: bool) -> list[str]:
     cells = [r.model, ms(r.ms("fp32")), after, num(r.eager_ratio)]
     cells += [ms(r.ms("ort_fp32")), ms(r.ms("ort_int8"))]
     cells += [ms(r.ms("ov_fp32")), ms(r.ms("ov_int8")), r.ov_int8_precision or "-"] if ov else []
-    cells += [num(r.deployed_ratio)]
+    cells += [num(r.deployed_ratio), num(r.int8_vs_fastest_fp32) + ("" if r.worth_deploying is not False else " **!**")]
     cells += [num(r.target), {True: "Y", False: "**N**", None: "-"}[r.meets_target]]
     cells += [ms(r.ms("tv_int8"))] if tv else []
     if own:
@@ -64,7 +70,9 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     onnxruntime's own quantization was timed, its S8S8 and faster U8S8 files follow, with qz's ORT
     INT8 over the best of them and whether qz's file is at least as fast. When OpenVINO was timed, its
     FP32 and INT8 columns come before the deployed ratio (which takes the fastest INT8 of eager, onnxruntime
-    and OpenVINO), with the precisions OpenVINO's INT8 compute layers ran in. With more than one family
+    and OpenVINO), with the precisions OpenVINO's INT8 compute layers ran in. "INT8 / fastest FP32" sets the
+    fastest INT8 against the fastest FP32 runtime; above ``WORTH_DEPLOYING`` it is flagged and named among
+    the misses, since FP32 in that runtime would serve as well. With more than one family
     a summary by family comes first; ``collapse`` folds the per-model table into a ``<details>``
     block (for a README).
     """
@@ -150,6 +158,11 @@ def _miss(row: BenchRow) -> str:
     if row.meets_target is False:
         profile = "; ".join(f"{engine}: {text}" for engine, text in row.hotspots.items())
         reasons.append(f"deployed ratio {num(row.deployed_ratio)} > target {num(row.target)}. {profile}".strip())
+    if row.worth_deploying is False:
+        reasons.append(
+            f"its fastest INT8 takes {num(row.int8_vs_fastest_fp32)} of the fastest FP32 runtime's time "
+            f"(more than {num(WORTH_DEPLOYING)}): deploy FP32 there, or see the profile."
+        )
     if row.slower_than_torchvision:
         reasons.append(f"INT8 eager {ms(row.ms('int8'))} ms is slower than torchvision's {ms(row.ms('tv_int8'))} ms")
     return " ".join(reasons)

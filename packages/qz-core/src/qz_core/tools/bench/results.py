@@ -30,6 +30,9 @@ RUNNERS = {
 }
 # The INT8 deployments the deployed ratio takes the fastest of (the runtimes only where they ran the whole model).
 INT8_RUNTIMES = ("ort_int8", "ov_int8")
+FP32_RUNTIMES = ("ort_fp32", "ov_fp32")
+# An INT8 model above this share of the fastest FP32 runtime's latency is not worth deploying.
+WORTH_DEPLOYING = 0.7
 
 NO_TORCHVISION_MODEL = "torchvision has no quantizable model of this name"
 
@@ -87,6 +90,22 @@ class BenchRow:
         candidates = ("int8",) if self.ort_partial else ("int8", *INT8_RUNTIMES)
         best = [t for t in map(self.ms, candidates) if t is not None]
         return _ratio(min(best), self.ms("fp32")) if best else None
+
+    def _fastest(self, eager: str, runtimes: tuple[str, ...]) -> float | None:
+        candidates = (eager,) if self.ort_partial else (eager, *runtimes)
+        times = [t for t in map(self.ms, candidates) if t is not None]
+        return min(times) if times else None
+
+    @property
+    def int8_vs_fastest_fp32(self) -> float | None:
+        """The fastest INT8 deployment over the fastest FP32 one (eager, onnxruntime, OpenVINO alike)."""
+        return _ratio(self._fastest("int8", INT8_RUNTIMES), self._fastest("fp32", FP32_RUNTIMES))
+
+    @property
+    def worth_deploying(self) -> bool | None:
+        """Whether the fastest INT8 takes at most ``WORTH_DEPLOYING`` of the fastest FP32 runtime's time."""
+        ratio = self.int8_vs_fastest_fp32
+        return None if ratio is None else ratio <= WORTH_DEPLOYING
 
     @property
     def meets_target(self) -> bool | None:
@@ -164,6 +183,8 @@ class BenchRow:
         record |= {
             "eager_ratio": self.eager_ratio,
             "deployed_ratio": self.deployed_ratio,
+            "int8_vs_fastest_fp32": self.int8_vs_fastest_fp32,
+            "worth_deploying": self.worth_deploying,
             "target": self.target,
             "meets_target": self.meets_target,
             "slower_than_torchvision": self.slower_than_torchvision,
