@@ -16,6 +16,7 @@ from torchvision.models import ResNet18_Weights
 
 from qz_classification.task import TASK, Classification, ClassificationTask, drawing_size
 from qz_core import QzError, get_model, get_model_spec, get_task
+from qz_core.tools.testing import assert_cli_refuses, assert_task_commands_documented
 
 CATEGORIES = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -162,12 +163,7 @@ def test_task_module_is_import_light():
 
 
 def test_eval_and_demo_options_all_have_help():
-    from qz_core.cli.arguments import QzArgumentParser, undocumented_options
-
-    evaluate, demo = QzArgumentParser(prog="qz eval classification"), QzArgumentParser(prog="qz demo")
-    TASK.add_eval_command(evaluate)
-    assert TASK.add_demo_command(demo) is True
-    assert undocumented_options(evaluate) == [] and undocumented_options(demo) == []
+    assert_task_commands_documented(TASK)
 
 
 def _fail(*args, **kwargs):
@@ -191,15 +187,9 @@ def _fail(*args, **kwargs):
 def test_cli_refuses_bad_numbers_by_name(argv, option, value, capsys, monkeypatch):
     import importlib
 
-    from qz_core.cli import main
-
     monkeypatch.setattr(importlib.import_module("qz_classification.evaluate"), "evaluate_classifier", _fail)
     monkeypatch.setattr(importlib.import_module("qz_classification.demo"), "run_demo", _fail)
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert f"argument {option}: must be an integer >=" in err and value in err
+    assert_cli_refuses(argv, option, value.strip("'"), capsys)
 
 
 def test_cli_refuses_a_class_index_past_num_classes(tmp_path, capsys, monkeypatch):

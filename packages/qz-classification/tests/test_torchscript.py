@@ -89,18 +89,12 @@ def _assert_scripts_to_same_output(model: nn.Module, x: Tensor) -> None:
     assert expected.is_floating_point() and expected.shape == (1, 10)
 
 
-@pytest.mark.parametrize("name", PTQ_MODELS)
-def test_ptq_int8_model_scripts(name, quantized_engine):
+@pytest.mark.parametrize(
+    ("name", "is_qat"), [*((name, False) for name in PTQ_MODELS), *((name, True) for name in QAT_MODELS)]
+)
+def test_int8_model_scripts(name, is_qat, quantized_engine):
     x = _input(name)
-    model = _int8_model(name, is_qat=False, x=x)
-    assert qz_core.workflow.is_quantized(model)
-    _assert_scripts_to_same_output(model, x)
-
-
-@pytest.mark.parametrize("name", QAT_MODELS)
-def test_qat_int8_model_scripts(name, quantized_engine):
-    x = _input(name)
-    model = _int8_model(name, is_qat=True, x=x)
+    model = _int8_model(name, is_qat=is_qat, x=x)
     assert qz_core.workflow.is_quantized(model)
     _assert_scripts_to_same_output(model, x)
 

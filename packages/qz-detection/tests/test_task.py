@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 import qz_core
 from qz_core import QzError, calibrate, convert
+from qz_core.tools.testing import assert_cli_refuses, assert_task_commands_documented
 from qz_detection._ultralytics import import_ultralytics
 from qz_detection.detector import DetectionBatch
 from qz_detection.task import TASK
@@ -185,12 +186,7 @@ def test_demo_command_hook():
 
 
 def test_eval_and_demo_options_all_have_help():
-    from qz_core.cli.arguments import QzArgumentParser, undocumented_options
-
-    evaluate, demo = QzArgumentParser(prog="qz eval detection"), QzArgumentParser(prog="qz demo")
-    TASK.add_eval_command(evaluate)
-    assert TASK.add_demo_command(demo) is True
-    assert undocumented_options(evaluate) == [] and undocumented_options(demo) == []
+    assert_task_commands_documented(TASK)
 
 
 @pytest.mark.parametrize(
@@ -207,26 +203,16 @@ def test_eval_and_demo_options_all_have_help():
 def test_eval_refuses_bad_numbers_by_name(extra, option, value, capsys, monkeypatch):
     import importlib
 
-    from qz_core.cli import main
-
     evaluate = importlib.import_module("qz_detection.evaluate")
     monkeypatch.setattr(evaluate, "evaluate_detector", lambda *a, **k: pytest.fail("the evaluation ran"))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "detection", "--model", "yolov5nu", "--data", "coco", *extra])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("qz eval detection: error:") and f"argument {option}: must be an integer >=" in err
-    assert value in err
+    argv = ["eval", "detection", "--model", "yolov5nu", "--data", "coco", *extra]
+    assert assert_cli_refuses(argv, option, value.strip("'"), capsys).startswith("qz eval detection: error:")
 
 
 @pytest.mark.parametrize(
     ("option", "value"), [("--seed", "-1"), ("--image-size", "-64"), ("--epochs", "0"), ("--num-train", "0")]
 )
 def test_demo_refuses_bad_numbers_by_name(option, value, capsys):
-    from qz_core.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--task", "detection", option, value, "--out-dir", "never-written"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert f"argument {option}: must be an integer >=" in err and repr(value) in err
+    assert_cli_refuses(
+        ["demo", "--task", "detection", option, value, "--out-dir", "never-written"], option, value, capsys
+    )

@@ -14,6 +14,7 @@ from torchvision.models.segmentation import LRASPP_MobileNet_V3_Large_Weights
 
 import qz_core
 from qz_core import QzError
+from qz_core.tools.testing import assert_cli_refuses, assert_task_commands_documented
 from qz_segmentation import lraspp_mobilenet_v3_large
 from qz_segmentation.task import TASK, SegmentationLogits
 
@@ -157,12 +158,7 @@ def test_commands():
 
 
 def test_eval_and_demo_options_all_have_help():
-    from qz_core.cli.arguments import QzArgumentParser, undocumented_options
-
-    evaluate, demo = QzArgumentParser(prog="qz eval segmentation"), QzArgumentParser(prog="qz demo")
-    TASK.add_eval_command(evaluate)
-    assert TASK.add_demo_command(demo) is True
-    assert undocumented_options(evaluate) == [] and undocumented_options(demo) == []
+    assert_task_commands_documented(TASK)
 
 
 @pytest.mark.parametrize(
@@ -178,13 +174,7 @@ def test_eval_and_demo_options_all_have_help():
 def test_eval_refuses_bad_numbers_by_name(extra, option, value, capsys, monkeypatch):
     import importlib
 
-    from qz_core.cli import main
-
     evaluate = importlib.import_module("qz_segmentation.evaluate")
     monkeypatch.setattr(evaluate, "evaluate_segmenter", lambda *a, **k: pytest.fail("the evaluation ran"))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "segmentation", "--model", "lraspp_mobilenet_v3_large", "--data", "voc", *extra])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("qz eval segmentation: error:") and f"argument {option}: must be an integer >=" in err
-    assert value in err
+    argv = ["eval", "segmentation", "--model", "lraspp_mobilenet_v3_large", "--data", "voc", *extra]
+    assert assert_cli_refuses(argv, option, value.strip("'"), capsys).startswith("qz eval segmentation: error:")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,11 +213,21 @@ def export_onnx(
         got = run_onnx(tmp, tuple(inputs)) if check else None
     if got is None:
         return OnnxReport(path, opset, quantized, size_mb, None, None, None)
-    expected = _flatten(sample)
-    if len(got) != len(expected):
-        raise QzError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(expected)}.")
-    diffs = [np.abs(g.astype(np.float64) - e.astype(np.float64)) for g, e in zip(got, expected, strict=True)]
-    max_diff = float(max(d.max() for d in diffs if d.size)) if diffs else 0.0
-    mean_diff = float(np.mean(np.concatenate([d.ravel() for d in diffs]))) if diffs else 0.0
-    out_range = float(max(np.ptp(e) for e in expected if e.size)) if expected else 0.0
+    max_diff, mean_diff, out_range = output_agreement(got, _flatten(sample), ("onnxruntime", "PyTorch"))
     return OnnxReport(path, opset, quantized, size_mb, max_diff, mean_diff, out_range)
+
+
+def output_agreement(
+    got: Sequence[np.ndarray], expected: Sequence[np.ndarray], runtimes: tuple[str, str]
+) -> tuple[float, float, float]:
+    """Max and mean |got - expected| over all paired outputs, and the widest expected output range.
+
+    Raises:
+        QzError: the two runtimes (named by ``runtimes``) returned different numbers of outputs.
+    """
+    if len(got) != len(expected):
+        raise QzError(f"{runtimes[0]} returned {len(got)} outputs, {runtimes[1]} {len(expected)}.")
+    diffs = [np.abs(g.astype(np.float64) - e.astype(np.float64)).ravel() for g, e in zip(got, expected, strict=True)]
+    flat = np.concatenate(diffs) if diffs else np.zeros(0)
+    out_range = max((float(np.ptp(e)) for e in expected if e.size), default=0.0)
+    return float(flat.max(initial=0.0)), float(flat.mean()) if flat.size else 0.0, out_range

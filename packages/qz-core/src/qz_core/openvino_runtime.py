@@ -189,16 +189,6 @@ class OpenVinoReport:
         )
 
 
-def _agreement(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> tuple[float, float, float]:
-    """Max and mean |got - expected| over all outputs, and the widest expected output range."""
-    if len(got) != len(expected):
-        raise QzError(f"OpenVINO returned {len(got)} outputs, onnxruntime {len(expected)}.")
-    diffs = [np.abs(g.astype(np.float64) - e.astype(np.float64)).ravel() for g, e in zip(got, expected, strict=True)]
-    flat = np.concatenate(diffs) if diffs else np.zeros(1)
-    out_range = max((float(np.ptp(e)) for e in expected if e.size), default=0.0)
-    return float(flat.max(initial=0.0)), float(flat.mean()) if flat.size else 0.0, out_range
-
-
 def write_openvino_ir(
     onnx_path: str | os.PathLike,
     xml_path: str | os.PathLike,
@@ -216,7 +206,7 @@ def write_openvino_ir(
     Raises:
         QzError: OpenVINO is missing, or crashed or failed on the IR.
     """
-    from qz_core.onnx_export import run_onnx
+    from qz_core.onnx_export import output_agreement, run_onnx
 
     ov = import_openvino()
     target = Path(xml_path)
@@ -226,7 +216,9 @@ def write_openvino_ir(
         ov.save_model(ov.convert_model(os.fspath(onnx_path)), os.fspath(tmp_xml), compress_to_fp16=False)
         compiled = ov_checked_compile(tmp_xml, threads=None)
         inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-        max_diff, mean_diff, out_range = _agreement(ov_run(compiled, inputs), run_onnx(onnx_path, example_input))
+        expected = run_onnx(onnx_path, example_input)
+        agreement = output_agreement(ov_run(compiled, inputs), expected, ("OpenVINO", "onnxruntime"))
+        max_diff, mean_diff, out_range = agreement
         precisions = describe_precisions(precision_counts(compiled))
         size_mb = (tmp_xml.stat().st_size + tmp_xml.with_suffix(".bin").stat().st_size) / 2**20
         del compiled

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+from qz_core.task import Task
 from qz_core.tools.support import DEFAULT_ENGINES, SupportResult
 
 # INT8 output noise below 2/3 of the FP32 output's energy, on every engine. A correct 8-bit quantizer gives
@@ -43,3 +45,31 @@ def assert_support_contract(
     bound = slack * result.int8_max_diff + 0.02 * result.output_range
     assert result.onnx_fp32_diff <= bound, result
     return result
+
+
+def assert_task_commands_documented(task: Task) -> None:
+    """Asserts that every option of ``qz eval TASK`` and ``qz demo --task TASK`` has help text."""
+    from qz_core.cli.arguments import QzArgumentParser, undocumented_options
+
+    evaluate, demo = QzArgumentParser(prog=f"qz eval {task.name}"), QzArgumentParser(prog=f"qz demo --task {task.name}")
+    task.add_eval_command(evaluate)
+    task.add_demo_command(demo)
+    assert undocumented_options(evaluate) == [] and undocumented_options(demo) == []
+
+
+def assert_cli_refuses(argv: Sequence[str], option: str, value: str, capsys: Any) -> str:
+    """Runs ``qz ARGV`` in-process and asserts it stops while parsing: status 2, one line naming option and value.
+
+    ``capsys`` is pytest's fixture. Returns the error line.
+    """
+    import pytest
+
+    from qz_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"argument {option}: must be an integer >=" in lines[0] and repr(value) in lines[0], err
+    return lines[0]

@@ -161,7 +161,7 @@ def _miss(row: BenchRow) -> str:
     if row.worth_deploying is False:
         reasons.append(
             f"its fastest INT8 takes {num(row.int8_vs_fastest_fp32)} of the fastest FP32 runtime's time "
-            f"(more than {num(WORTH_DEPLOYING)}): deploy FP32 there, or see the profile."
+            f"(more than {num(WORTH_DEPLOYING)}): FP32 in that runtime serves about as well."
         )
     if row.slower_than_torchvision:
         reasons.append(f"INT8 eager {ms(row.ms('int8'))} ms is slower than torchvision's {ms(row.ms('tv_int8'))} ms")

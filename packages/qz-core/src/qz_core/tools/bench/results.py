@@ -87,9 +87,7 @@ class BenchRow:
     @property
     def deployed_ratio(self) -> float | None:
         """min(INT8 eager, ORT INT8, OpenVINO INT8) / FP32 eager: the best INT8 deployment against the FP32 baseline."""
-        candidates = ("int8",) if self.ort_partial else ("int8", *INT8_RUNTIMES)
-        best = [t for t in map(self.ms, candidates) if t is not None]
-        return _ratio(min(best), self.ms("fp32")) if best else None
+        return _ratio(self._fastest("int8", INT8_RUNTIMES), self.ms("fp32"))
 
     def _fastest(self, eager: str, runtimes: tuple[str, ...]) -> float | None:
         candidates = (eager,) if self.ort_partial else (eager, *runtimes)
