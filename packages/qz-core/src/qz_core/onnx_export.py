@@ -106,7 +106,7 @@ def _quantized_batch_norm(relu: bool) -> Callable[..., Any]:
     ``q * (s * k) + (bias - mean * k - zp * s * k)``, so the symbolic casts the integers to float and
     applies that per-channel affine (constants that exporters and runtimes fold). The plain form,
     DequantizeLinear -> BatchNormalization, crashes OpenVINO 2026.4 (segfault in compile_model) after a
-    quantized Concat, as in DenseNet: Concat -> QuantizeLinear (zero point not 0) -> DequantizeLinear ->
+    quantized Concat, as in densely connected blocks: Concat -> QuantizeLinear (zero point not 0) -> DequantizeLinear ->
     ... -> QuantizeLinear. Both compute the same values in float.
     """
     from torch.onnx import symbolic_helper as sh
