@@ -210,3 +210,28 @@ def test_cli_refuses_a_class_index_past_num_classes(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(importlib.import_module("qz_classification.evaluate"), "evaluate_classifier", lambda *a, **k: k)
     assert main([*argv, "--num-classes", "4"]) == 0
     assert reached[0]["num_classes"] == 4 and reached[0]["class_index"] == str(index)
+
+
+class _Oracle(torch.nn.Module):
+    """Logits ranking the label first for the first ``right`` images of a batch, else second."""
+
+    def __init__(self, labels: torch.Tensor, right: int) -> None:
+        super().__init__()
+        self.labels, self.right = labels, right
+
+    def forward(self, images):
+        chosen = self.labels.clone()
+        chosen[self.right :] = (self.labels[self.right :] + 1) % 10
+        one_hot = torch.nn.functional.one_hot
+        return one_hot(chosen, 10).float() * 5 + one_hot(self.labels, 10).float() * 2
+
+
+def test_score_is_top1_top5_and_cross_entropy():
+    images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 3, 7, 9])
+    scores = TASK.score(_Oracle(labels, right=3), [(images, labels)], progress=False)
+    assert scores["top1"] == pytest.approx(75.0) and scores["top5"] == pytest.approx(100.0)
+    expected = torch.nn.functional.cross_entropy(_Oracle(labels, right=3)(images), labels)
+    assert scores["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert TASK.score_key == "top1"
+    with pytest.raises(QzError, match="empty"):
+        TASK.score(_Oracle(labels, right=3), [], progress=False)

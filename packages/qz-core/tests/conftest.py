@@ -76,6 +76,7 @@ class ToyClassificationTask(Task):
     metric = "top-1"
     calibration_layouts = "a flat image folder or one subfolder per class"
     training_layouts = "one subfolder per class"
+    score_key = "top1"
 
     def default_transform(self, spec: ModelSpec):
         from torchvision.transforms._presets import ImageClassification
@@ -94,6 +95,17 @@ class ToyClassificationTask(Task):
 
     def example_training_batch(self, spec, batch_size=2):
         return torch.rand(batch_size, 3, *spec.input_size), torch.zeros(batch_size, dtype=torch.long)
+
+    @torch.no_grad()
+    def score(self, model, batches, *, progress=True):
+        model.eval()
+        hits = losses = total = 0
+        for inputs, targets in batches:
+            logits = model(inputs)
+            hits += int((logits.argmax(1) == targets).sum())
+            losses += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            total += len(targets)
+        return {"top1": 100.0 * hits / total, "loss": losses / total}
 
     def predict(self, model, images, transform):
         with torch.no_grad():

@@ -216,3 +216,22 @@ def test_demo_refuses_bad_numbers_by_name(option, value, capsys):
     assert_cli_refuses(
         ["demo", "--task", "detection", option, value, "--out-dir", "never-written"], option, value, capsys
     )
+
+
+@pytest.mark.parametrize("model_name", ["yolov8n", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_score_matches_each_model_convention_against_the_batch_targets(model_name, monkeypatch):
+    from qz_detection.detector import random_targets
+
+    spec = qz_core.get_model_spec(model_name)
+    model = qz_core.get_model(model_name, num_classes=3)
+    images = torch.rand(2, 3, 64, 64)
+    targets = random_targets(images, num_classes=3)
+    key = "labels" if spec.family == "yolo" else "category_ids"
+
+    def detect_targets(inputs, sizes, shift=0.0):
+        return [{"boxes": t["boxes"] + shift, "labels": t[key], "scores": torch.ones(len(t["boxes"]))} for t in targets]
+
+    monkeypatch.setattr(model, "detect", detect_targets)
+    assert TASK.score(model, [DetectionBatch(images, targets)], progress=False)["map"] == pytest.approx(1.0)
+    monkeypatch.setattr(model, "detect", lambda inputs, sizes: detect_targets(inputs, sizes, shift=8.0))
+    assert TASK.score(model, [DetectionBatch(images, targets)], progress=False)["map"] < 0.9

@@ -178,3 +178,24 @@ def test_eval_refuses_bad_numbers_by_name(extra, option, value, capsys, monkeypa
     monkeypatch.setattr(evaluate, "evaluate_segmenter", lambda *a, **k: pytest.fail("the evaluation ran"))
     argv = ["eval", "segmentation", "--model", "lraspp_mobilenet_v3_large", "--data", "voc", *extra]
     assert assert_cli_refuses(argv, option, value.strip("'"), capsys).startswith("qz eval segmentation: error:")
+
+
+def test_score_is_miou_pixel_accuracy_and_cross_entropy():
+    masks = torch.randint(0, 3, (2, 16, 16), generator=torch.Generator().manual_seed(0))
+    masks[:, :2] = 255
+    perfect = torch.nn.functional.one_hot(masks.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 10
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, images):
+            return {"out": self.logits}
+
+    images = torch.rand(2, 3, 16, 16)
+    best = TASK.score(Fixed(perfect), [(images, masks)], progress=False)
+    assert best["miou"] == pytest.approx(100.0) and best["pixel_acc"] == pytest.approx(100.0)
+    worse = TASK.score(Fixed(perfect.roll(1, dims=1)), [(images, masks)], progress=False)
+    assert worse["miou"] == pytest.approx(0.0) and worse["loss"] > best["loss"]
+    assert TASK.score_key in best

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from qz_classification.data import calibration_images
 from qz_classification.imagenet import check_class_count, imagenet_folder
+from qz_classification.task import logits_of
 from qz_core import QzError, calibrate, convert, get_model_builder, get_model_transforms, recipe_of, set_backend
 from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
 
@@ -43,6 +44,25 @@ def topk_accuracy(
     if total == 0:
         raise QzError("Evaluation saw no images: the data is empty.")
     return {f"top{k}": 100.0 * correct[k] / total for k in topk}
+
+
+@torch.inference_mode()
+def classification_scores(
+    model: nn.Module, data: Iterable[tuple[Tensor, Tensor]], *, desc: str = "score", progress: bool = True
+) -> dict[str, float]:
+    """``top1`` and ``top5`` accuracy (percent) and ``loss`` (mean cross-entropy) over (images, labels) batches."""
+    model.eval()
+    loss_sum, total, hits = 0.0, 0, {1: 0, 5: 0}
+    for images, labels in tqdm(data, desc=desc, unit="batch", disable=not progress):
+        logits = logits_of(model(images)).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels.view(-1, 1))
+        for k in hits:
+            hits[k] += int(ranked[:, :k].any(dim=1).sum())
+        total += labels.numel()
+    if total == 0:
+        raise QzError("Scoring saw no images: the data is empty.")
+    return {"top1": 100.0 * hits[1] / total, "top5": 100.0 * hits[5] / total, "loss": loss_sum / total}
 
 
 @dataclass

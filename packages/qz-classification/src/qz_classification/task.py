@@ -6,7 +6,7 @@ Import-light: the models, the evaluation and the demo load when a command runs.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ class ClassificationTask(Task):
     metric = "top-1"
     calibration_layouts = "a flat folder of images, or one subfolder per class (ImageFolder layout)"
     training_layouts = f"one subfolder per class: {LAYOUT}"
+    score_key = "top1"
 
     def default_transform(self, spec: ModelSpec) -> Transform:
         """ImageNet preprocessing at the model's input size."""
@@ -89,6 +90,12 @@ class ClassificationTask(Task):
     def example_training_batch(self, spec: ModelSpec, batch_size: int = 2) -> Any:
         """Random images of the model's input size, all labelled class 0."""
         return torch.rand(batch_size, 3, *spec.input_size), torch.zeros(batch_size, dtype=torch.long)
+
+    def score(self, model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> dict[str, float]:
+        """Top-1 and top-5 accuracy (percent) and mean cross-entropy over (images, labels) batches."""
+        from qz_classification.evaluate import classification_scores
+
+        return classification_scores(model, batches, progress=progress)
 
     def predict(self, model: nn.Module, images: Sequence[Image.Image], transform: Transform) -> list[Classification]:
         """The top-5 classes of each image."""

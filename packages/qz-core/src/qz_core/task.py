@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,12 +35,14 @@ class Task(ABC):
         metric: what ``qz eval`` reports (for help texts and tables).
         calibration_layouts: the calibration folder layouts it reads, for help texts and errors.
         training_layouts: the labelled folder layouts QAT reads, for help texts and errors.
+        score_key: the key of ``score``'s headline metric (higher is better).
     """
 
     name: ClassVar[str]
     metric: ClassVar[str]
     calibration_layouts: ClassVar[str]
     training_layouts: ClassVar[str]
+    score_key: ClassVar[str]
 
     def transform(self, spec: ModelSpec, source: WeightsSource | None) -> Transform:
         """The input transform of ``spec``: its enum weights' own, else the spec's, else the task's."""
@@ -75,6 +77,15 @@ class Task(ABC):
     @abstractmethod
     def training_loss(self, model: nn.Module, batch: Any) -> Tensor:
         """The QAT loss of one (inputs, targets) batch on a model in training mode."""
+
+    @abstractmethod
+    def score(self, model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> dict[str, float]:
+        """The task's metrics of ``model`` (float, prepared or INT8) over labelled batches.
+
+        ``batches`` are ``collate``d samples of ``training_data`` (a validation folder in a training
+        layout). The result holds ``score_key`` and, where the task computes one on any model,
+        ``"loss"`` (its evaluation loss, lower is better). The model is put in eval mode.
+        """
 
     def export_module(self, model: nn.Module) -> nn.Module:
         """The module that goes to ONNX (the deployable part of ``model``)."""

@@ -103,6 +103,28 @@ def load_coco(path: str | os.PathLike) -> COCO:
     return coco
 
 
+def coco_from_targets(targets: Sequence[dict[str, Any]], label_key: str) -> COCO:
+    """An in-memory COCO ground truth of qz detection targets: image ids 1..N, categories ``target[label_key]``."""
+    from pycocotools.coco import COCO
+
+    images, annotations, categories = [], [], set()
+    for image_id, target in enumerate(targets, start=1):
+        height, width = target["image_size"]
+        images.append({"id": image_id, "height": int(height), "width": int(width), "file_name": f"{image_id}.jpg"})
+        for box, label in zip(target["boxes"].tolist(), target[label_key].tolist(), strict=True):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label), "iscrowd": 0}
+                | {"bbox": [box[0], box[1], w, h], "area": w * h}
+            )
+            categories.add(int(label))
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in sorted(categories)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
 class CocoImages(Dataset):
     """(image, image id) pairs: each image listed in ``coco`` as a float tensor (3, H, W) in [0, 1].
 

@@ -23,10 +23,28 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.functional import to_tensor
 from tqdm.auto import tqdm
 
-from qz_core import ModelSpec, QzError, calibrate, convert, get_model_builder, image_dataset, recipe_of, set_backend
+from qz_core import (
+    ModelSpec,
+    QzError,
+    calibrate,
+    convert,
+    get_model_builder,
+    get_model_spec,
+    image_dataset,
+    recipe_of,
+    set_backend,
+)
 from qz_core.evaluation import Fp32Int8Result, TimedScores, check_eval_options, resolve_eval_model
-from qz_detection.coco import CategoryMap, CocoImages, coco_results, coco_scores, find_coco, load_coco
-from qz_detection.detector import num_classes_of
+from qz_detection.coco import (
+    CategoryMap,
+    CocoImages,
+    coco_from_targets,
+    coco_results,
+    coco_scores,
+    find_coco,
+    load_coco,
+)
+from qz_detection.detector import as_detector, num_classes_of
 from qz_detection.transforms import LETTERBOX_FILL
 
 Detections = tuple[Tensor, Tensor, Tensor]  # boxes (N, 4) xyxy in image pixels, scores (N,), labels (N,)
@@ -142,6 +160,32 @@ def detect_coco(
     for image, image_id in tqdm(data, desc=desc, unit="image", disable=not progress):
         results += coco_results(image_id, *fmt.detect(model, image), category_map)
     return results
+
+
+def _label_key(model: nn.Module) -> str:
+    """The target key a detector's labels follow: COCO category ids (torchvision) or contiguous labels (YOLO)."""
+    fmt = detection_format(get_model_spec(recipe_of(model).name))
+    return "category_ids" if fmt.label_map == "category_id" else "labels"
+
+
+@torch.inference_mode()
+def target_scores(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> dict[str, float]:
+    """COCO box ``map``, ``map50`` and ``ar100`` (in [0, 1]) of a qz detector against the batches' own targets."""
+    detector = as_detector(model)
+    model.eval()
+    identity = CategoryMap("category_id", ())
+    targets: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for batch in tqdm(batches, desc="score", unit="batch", disable=not progress):
+        sizes = [tuple(target["image_size"]) for target in batch.targets]
+        detections = detector.detect(detector.detection_inputs(batch.image_list), sizes)
+        for detection, target in zip(detections, batch.targets, strict=True):
+            targets.append(target)
+            labels = detection["labels"]
+            results += coco_results(len(targets), detection["boxes"], detection["scores"], labels, identity)
+    if not targets:
+        raise QzError("Scoring saw no images: the data is empty.")
+    return coco_scores(coco_from_targets(targets, _label_key(model)), results, list(range(1, len(targets) + 1)))
 
 
 @dataclass

@@ -8,7 +8,7 @@ dispatches to it. Import-light: no ultralytics, pycocotools or matplotlib at imp
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class DetectionTask(Task):
 
     name = "detection"
     metric = "box mAP"
+    score_key = "map"
     calibration_layouts = CALIBRATION_LAYOUTS
     training_layouts = TRAINING_LAYOUTS
 
@@ -80,6 +81,12 @@ class DetectionTask(Task):
         if not isinstance(batch, DetectionBatch):
             batch = DetectionBatch(*batch)
         return as_detector(model).detection_loss(batch.images, batch.targets or [])
+
+    def score(self, model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> dict[str, float]:
+        """COCO box mAP@[.5:.95], mAP@.5 and AR@100 against the batches' targets (``DetectionBatch``es)."""
+        from qz_detection.evaluate import target_scores
+
+        return target_scores(model, batches, progress=progress)
 
     def export_module(self, model: nn.Module) -> nn.Module:
         """The dense network (torchvision detectors: raw head outputs; YOLO: decoded predictions)."""

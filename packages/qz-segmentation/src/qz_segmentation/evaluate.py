@@ -88,6 +88,24 @@ def confusion_matrix(
     return matrix
 
 
+@torch.inference_mode()
+def segmentation_scores(
+    model: nn.Module, data: Iterable[tuple[Tensor, Tensor]], *, desc: str = "score", progress: bool = True
+) -> dict[str, float]:
+    """``miou`` and ``pixel_acc`` (percent) and ``loss`` (per-pixel cross-entropy, 255 ignored) over batches."""
+    model.eval()
+    matrix, loss_sum, pixels = None, 0.0, 0
+    for images, masks in tqdm(data, desc=desc, unit="batch", disable=not progress):
+        logits = logits_of(model(images)).float()
+        matrix = matrix or ConfusionMatrix(logits.shape[1])
+        matrix.update(logits.argmax(1), masks)
+        loss_sum += float(nn.functional.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum"))
+        pixels += int((masks != IGNORE_INDEX).sum())
+    if matrix is None:
+        raise QzError("Scoring saw no images: the data is empty.")
+    return matrix.scores() | {"loss": loss_sum / max(pixels, 1)}
+
+
 @dataclass
 class SegmentationScores(TimedScores):
     """mIoU and pixel accuracy (percent) of one model, with per-class IoU and the time it took."""

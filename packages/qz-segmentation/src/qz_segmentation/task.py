@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,7 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     metric = "mIoU"
+    score_key = "miou"
     calibration_layouts = (
         "an image folder (subfolders read, hidden ones skipped), the JPEGImages/ of a Pascal VOC folder, "
         "or the images/ of an image/mask folder pair"
@@ -151,6 +152,12 @@ class SegmentationTask(Task):
         """``SegmentationLoss`` (``out`` plus 0.5 x ``aux``, 255 ignored) of one (images, masks) batch."""
         images, masks = batch
         return SegmentationLoss()(model(images), masks)
+
+    def score(self, model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> dict[str, float]:
+        """Mean IoU and pixel accuracy (percent) and per-pixel cross-entropy over (images, masks) batches."""
+        from qz_segmentation.evaluate import segmentation_scores
+
+        return segmentation_scores(model, batches, progress=progress)
 
     def export_module(self, model: nn.Module) -> nn.Module:
         """``model`` returning its ``out`` logits tensor (the aux head is for training only)."""
