@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 
 from qz_core import __version__
-from qz_core.cli import models
+from qz_core.cli import models, training
 from qz_core.cli.arguments import QzArgumentParser
 from qz_core.errors import QzError
 from qz_core.registry import get_task, list_tasks
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qz {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models.add_commands(sub)
+    training.add_command(sub)
     _add_task_commands(sub)
     from qz_core.tools.cli import add_tool_commands
 
