@@ -22,7 +22,7 @@ from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 from torch.utils.data import DataLoader
 
 import qz_core
-from qz_core import training
+from qz_core import distributed, training
 from qz_core.cli import main
 from qz_core.training import QatTrainingConfig, read_checkpoint, train_qat_model
 
@@ -248,9 +248,9 @@ def test_cli_refuses_cuda_without_a_gpu_in_one_line(toy, capsys, monkeypatch):
 )
 def test_bad_launch_variables_are_one_line_errors(environ, message):
     with pytest.raises(qz_core.QzError, match=message):
-        training.launch_ranks(environ)
-    assert training.launch_ranks({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == training.Ranks(4, 3, 1)
-    assert not training.launch_ranks({}).distributed
+        distributed.launch_ranks(environ)
+    assert distributed.launch_ranks({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == distributed.Ranks(4, 3, 1)
+    assert not distributed.launch_ranks({}).distributed
 
 
 def test_batches_keep_their_structure_when_moved():
@@ -261,7 +261,7 @@ def test_batches_keep_their_structure_when_moved():
 
     Pair = collections.namedtuple("Pair", "inputs labels")
     batch = (Batch([torch.ones(2)], {"boxes": torch.zeros(1, 4), "name": "x"}), Pair(torch.ones(1), [3]))
-    moved = training.to_device(batch, torch.device("meta"))
+    moved = distributed.to_device(batch, torch.device("meta"))
     assert isinstance(moved, tuple) and isinstance(moved[0], Batch) and isinstance(moved[1], Pair)
     assert moved[0].images[0].is_meta and moved[0].targets["boxes"].is_meta and moved[1].inputs.is_meta
     assert moved[0].targets["name"] == "x" and moved[1].labels == [3]

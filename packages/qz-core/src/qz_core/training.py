@@ -21,12 +21,10 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from qz_core.builder import ModelSpec
-from qz_core.errors import QzError, invalid_choice, unreadable_file
+from qz_core.distributed import (
+    Ranks,
+    agreed_start,
+    broadcast_buffers,
+    check_device,
+    launch_ranks,
+    process_group,
+    to_device,
+    training_device,
+)
+from qz_core.errors import QzError, unreadable_file
 from qz_core.files import check_output_dir, write_atomic, write_text_atomic
 from qz_core.registry import get_model_builder, get_model_spec, get_task
 from qz_core.task import Task, Transform
@@ -53,8 +61,6 @@ BEST_INT8 = "int8_best.pt"
 LAST_INT8 = "int8_last.pt"
 HISTORY = "history.json"
 CHECKPOINT_FORMAT = "qz.qat-checkpoint"
-DEVICES = ("cpu", "cuda")
-PROCESS_GROUP_TIMEOUT = timedelta(hours=2)  # other ranks wait at a barrier while rank 0 scores
 # Changing one of these between a run and its resume would not continue the same training.
 RESUME_FIELDS = (
     "model",
@@ -206,85 +212,6 @@ class QatTrainingResult:
         )
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process stands in a ``torchrun`` launch (one process when not launched by it)."""
-
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        """True when several processes train together."""
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        """True on the process that scores, writes and prints."""
-        return self.rank == 0
-
-
-def launch_ranks(environ: Mapping[str, str] | None = None) -> Ranks:
-    """This process's ranks from the variables ``torchrun`` sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)."""
-    env = os.environ if environ is None else environ
-    try:
-        world_size = int(env.get("WORLD_SIZE", "1"))
-        rank = int(env.get("RANK", "0"))
-        local_rank = int(env.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise QzError(
-            "WORLD_SIZE, RANK and LOCAL_RANK must be integers (launch with torchrun); got "
-            f"{env.get('WORLD_SIZE')!r}, {env.get('RANK')!r}, {env.get('LOCAL_RANK')!r}."
-        ) from None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise QzError(f"RANK {rank} does not fit WORLD_SIZE {world_size} (launch with torchrun).")
-    return Ranks(world_size, rank, local_rank)
-
-
-def check_device(name: str) -> None:
-    """Refuses an unknown device, or 'cuda' where PyTorch sees no CUDA GPU.
-
-    Raises:
-        QzError: naming the device and what to use instead.
-    """
-    if name not in DEVICES:
-        raise invalid_choice("device", name, DEVICES)
-    if name == "cuda" and not torch.cuda.is_available():
-        built = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
-        raise QzError(
-            f"--device cuda: PyTorch ({torch.__version__}, built {built}) sees no CUDA GPU; use --device cpu."
-        )
-
-
-def training_device(name: str, ranks: Ranks) -> torch.device:
-    """The device this process trains on: the CPU, or the GPU of its local rank."""
-    check_device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    return device
-
-
-@contextlib.contextmanager
-def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
-    """Joins the ``torchrun`` process group (gloo on the CPU, nccl on CUDA) for the block, then leaves it.
-
-    A group the caller already started is used and left alone.
-    """
-    if not ranks.distributed or dist.is_initialized():
-        yield
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    device_id = device if device.type == "cuda" else None
-    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=device_id)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 class TaskLoss(nn.Module):
     """``task.training_loss(model, batch)`` as a module, so DDP wraps any task's own loss and syncs its gradients."""
 
@@ -295,21 +222,6 @@ class TaskLoss(nn.Module):
 
     def forward(self, batch: Any) -> Tensor:
         return self.task.training_loss(self.model, batch)
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor inside it (tuples, lists, dicts, dataclasses' fields kept) on ``device``."""
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(to_device(v, device) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
-    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
-        return replace(value, **{k: to_device(getattr(value, k), device) for k in value.__dataclass_fields__})
-    return value
 
 
 def seed_all(*entropy: int) -> None:
@@ -373,13 +285,6 @@ def train_epoch(
     if total[1] == 0:
         raise QzError("QAT saw no batches: the training data is empty.")
     return float(total[0] / total[1])
-
-
-def broadcast_buffers(model: nn.Module) -> None:
-    """Gives every rank rank 0's buffers (observer ranges, fake-quant scales, BatchNorm statistics)."""
-    if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def convert_copy(model: nn.Module) -> nn.Module:
@@ -576,18 +481,6 @@ def _distribute(run: _Run) -> None:
         run.step_model = DistributedDataParallel(run.step_model, device_ids=device_ids)
 
 
-def _agreed_start(start: int, ranks: Ranks) -> int:
-    """The epoch every rank resumes at; ranks that read different checkpoints are an error."""
-    if not dist.is_initialized():
-        return start
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    bounds = torch.tensor([start, -start], dtype=torch.int64, device=device)
-    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
-    if int(bounds[0]) != -int(bounds[1]):
-        raise QzError(f"The ranks read checkpoints of different epochs ({-int(bounds[1])}..{int(bounds[0])}).")
-    return start
-
-
 def train_qat_model(config: QatTrainingConfig) -> QatTrainingResult:
     """Trains ``config.model`` with QAT for ``config.epochs``, keeping the best and last INT8 models.
 
@@ -608,7 +501,7 @@ def train_qat_model(config: QatTrainingConfig) -> QatTrainingResult:
     device = training_device(config.device, ranks)
     with process_group(ranks, device):
         run = _build_run(config, spec, task, source, ranks, device)
-        start = _agreed_start(run.restore(checkpoint) if checkpoint else 0, ranks)
+        start = agreed_start(run.restore(checkpoint) if checkpoint else 0, ranks)
         _distribute(run)
         if ranks.main:
             out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from qz_core.backend import supported_backends
 from qz_core.cli.arguments import non_negative_int, positive_int
+from qz_core.distributed import DEVICES, launch_ranks
 from qz_core.errors import QzError
-from qz_core.training import DEVICES, QatTrainingConfig, launch_ranks, train_qat_model
+from qz_core.training import QatTrainingConfig, train_qat_model
 
 WORKERS = min(4, os.cpu_count() or 1)
 DEFAULTS = QatTrainingConfig(model="", train=Path(), val=Path(), out=Path())
