@@ -19,7 +19,7 @@ def test_entry_points_register_models_and_task_with_core():
     assert "resnet50" in qz_core.list_models(task="classification")
     names = qz_core.list_models(task="detection")
     ours = [n for n in names if qz_core.get_model_builder(n).__module__.startswith("qz_detection.models")]
-    assert len(ours) == 27 and all(qz_core.get_model_spec(n).task == "detection" for n in names)
+    assert len(ours) == 34 and all(qz_core.get_model_spec(n).task == "detection" for n in names)
 
 
 def test_models_and_list_do_not_import_ultralytics_pycocotools_or_matplotlib():

@@ -88,8 +88,9 @@ def test_variants_are_registered_as_detection_models():
         assert spec.deployed_ratio_target == 0.4
         assert spec.probe_kwargs == {"export": True}
         assert type(qz_core.get_model_transforms(name)).__name__ == "LetterBox"
-    # The anchor-free models carry their checkpoints' names; the plain ones are left for the anchor-based originals.
-    assert not {"yolov3", "yolov3_spp", "yolov3_tiny", "yolov5n", "yolov5s"} & set(qz_core.list_models())
+    # The anchor-free models carry their checkpoints' names (yolov5nu.pt); plain names are the anchor-based originals.
+    assert not {"yolov3", "yolov3_spp", "yolov3_tiny"} & set(qz_core.list_models())
+    assert "anchor" in qz_core.get_model_spec("yolov5n").description.lower()
     assert qz_core.get_model_spec("yolov5nu").description.startswith("YOLOv5u nano")
     assert qz_core.get_model_spec("yolov5xu").fixed_kwargs == {"cfg": "yolov5x.yaml"}
     assert qz_core.get_model_spec("yolo11m").description.startswith("YOLO11 medium")

@@ -33,6 +33,8 @@ from qz_detection.models.yolo import (  # noqa: F401
     yolov8s,
     yolov8x,
 )
+from qz_detection.models.yolov4 import QuantizableYOLOv4, yolov4, yolov4_tiny  # noqa: F401
+from qz_detection.models.yolov5 import yolov5l, yolov5m, yolov5n, yolov5s, yolov5x  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
