@@ -35,7 +35,7 @@ class Task(ABC):
         metric: what ``qz eval`` reports (for help texts and tables).
         calibration_layouts: the calibration folder layouts it reads, for help texts and errors.
         training_layouts: the labelled folder layouts QAT reads, for help texts and errors.
-        score_key: the key of ``score``'s headline metric (higher is better).
+        score_key: the key of ``score``'s headline metric (higher is better); see ``headline_key``.
     """
 
     name: ClassVar[str]
@@ -83,9 +83,13 @@ class Task(ABC):
         """The task's metrics of ``model`` (float, prepared or INT8) over labelled batches.
 
         ``batches`` are ``collate``d samples of ``training_data`` (a validation folder in a training
-        layout). The result holds ``score_key`` and, where the task computes one on any model,
+        layout). The result holds ``headline_key(spec)`` and, where the task computes one on any model,
         ``"loss"`` (its evaluation loss, lower is better). The model is put in eval mode.
         """
+
+    def headline_key(self, spec: ModelSpec) -> str:
+        """The key of ``score``'s headline metric for models of ``spec`` (``score_key`` unless a family differs)."""
+        return self.score_key
 
     def export_module(self, model: nn.Module) -> nn.Module:
         """The module that goes to ONNX (the deployable part of ``model``)."""

@@ -331,6 +331,7 @@ class _Run:
     sampler: DistributedSampler
     train_batches: DataLoader
     val_batches: DataLoader | None
+    score_key: str
     history: list[dict[str, Any]] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int | None = None
@@ -359,7 +360,7 @@ class _Run:
             dist.barrier()
 
     def _score_and_save(self, record: dict[str, Any]) -> None:
-        key, progress = self.task.score_key, self.config.progress
+        key, progress = self.score_key, self.config.progress
         with observers_paused(self.model):
             batches = (to_device(batch, self.device) for batch in self.val_batches)
             record["fake_quant"] = plain_scores(self.task.score(self.model, batches, progress=progress))
@@ -381,7 +382,7 @@ class _Run:
     def _write_history(self) -> None:
         document = {
             "model": self.config.model,
-            "score_key": self.task.score_key,
+            "score_key": self.score_key,
             "best_epoch": self.best_epoch,
             "epochs": self.history,
         }
@@ -471,7 +472,20 @@ def _build_run(
     val_batches = _loader(task, val_data, config, device) if ranks.main else None
     train_batches = _loader(task, train_data, config, device, sampler)
     loss = TaskLoss(model, task)
-    return _Run(config, task, ranks, device, model, loss, optimizer, scheduler, sampler, train_batches, val_batches)
+    return _Run(
+        config,
+        task,
+        ranks,
+        device,
+        model,
+        loss,
+        optimizer,
+        scheduler,
+        sampler,
+        train_batches,
+        val_batches,
+        task.headline_key(spec),
+    )
 
 
 def _distribute(run: _Run) -> None:
@@ -507,4 +521,4 @@ def train_qat_model(config: QatTrainingConfig) -> QatTrainingResult:
             out.mkdir(parents=True, exist_ok=True)
         for epoch in range(start, config.epochs):
             run.epoch(epoch)
-    return QatTrainingResult(out, run.history, task.score_key, run.best_epoch)
+    return QatTrainingResult(out, run.history, run.score_key, run.best_epoch)

@@ -1,4 +1,5 @@
-"""Mean IoU and pixel accuracy of segmenters, FP32 or INT8, on a Pascal VOC-layout folder."""
+"""Segmenters scored FP32 and INT8: semantic ones by mean IoU and pixel accuracy on a Pascal VOC-layout
+folder, instance ones (Mask R-CNN) by COCO box and mask mAP on a COCO folder."""
 
 from __future__ import annotations
 
@@ -266,4 +267,218 @@ def evaluate_segmenter(
     if int8_model is not None:
         result.backend = set_backend(recipe_of(int8_model).options.backend)
         result.int8 = _timed_scores(int8_model, loader, classes, "INT8", progress)
+    return result
+
+
+# --- Instance segmenters (Mask R-CNN): COCO box and mask mAP ------------------------------------
+
+COCO_SPLIT = "val2017"
+
+
+def names_instance_model(model: str | None, int8: str | os.PathLike | None) -> bool:
+    """True when the model to evaluate (by name, else the one an INT8 file names) is an instance segmenter."""
+    from qz_core import get_model_spec
+    from qz_segmentation.instances import is_instance_spec
+
+    if model is None and int8 is not None:
+        try:
+            model = torch.load(int8, map_location="cpu", weights_only=True, mmap=True)["recipe"]["name"]
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the evaluator that loads it
+            return False
+    return model is not None and is_instance_spec(get_model_spec(model))
+
+
+@dataclass
+class InstanceScores(TimedScores):
+    """COCO box and mask metrics (in [0, 1]) of one model, with its detection count and the time it took."""
+
+    box_map: float
+    box_map50: float
+    mask_map: float
+    mask_map50: float
+    detections: int
+    images: int
+    seconds: float
+
+
+@dataclass
+class InstanceEval(Fp32Int8Result):
+    """FP32 and INT8 COCO box and mask scores of one instance segmenter on one annotated image folder."""
+
+    METRICS = ("box_map", "box_map50", "mask_map", "mask_map50")
+
+    model: str
+    weights: str | None
+    images_dir: str
+    annotations: str
+    images: int
+    label_map: str
+    fp32: InstanceScores | None = None
+    int8: InstanceScores | None = None
+    int8_source: str | None = None
+    backend: str | None = None
+    calibration: str | None = None
+
+    def table(self) -> str:
+        """The result as a text table: one row per precision, INT8 - FP32 mAP deltas."""
+        lines = [
+            f"{self.model} ({self.weights or 'random weights'}) on {self.images_dir}",
+            f"{self.images} images, annotations {self.annotations}, labels mapped: {self.label_map}",
+        ]
+        if self.calibration:
+            lines.append(f"calibration: {self.calibration}")
+        header = f"{'model':<18}{'box mAP':>9}{'mask mAP':>10}{'mask mAP50':>12}{'box delta':>11}{'mask delta':>12}"
+        header += f"{'dets':>7}{'img/s':>8}"
+        lines += ["", header, "-" * len(header)]
+        for name, scores in (("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}", self.int8)):
+            if scores is None:
+                continue
+            delta = self.delta if scores is self.int8 else None
+            d_box, d_mask = (f"{delta['box_map']:+.3f}", f"{delta['mask_map']:+.3f}") if delta else ("-", "-")
+            lines.append(
+                f"{name.strip():<18}{scores.box_map:>9.3f}{scores.mask_map:>10.3f}{scores.mask_map50:>12.3f}"
+                f"{d_box:>11}{d_mask:>12}{scores.detections:>7}{scores.images_per_second:>8.2f}"
+            )
+        return "\n".join(lines)
+
+
+@torch.inference_mode()
+def segment_coco(
+    model: nn.Module, data: Iterable[tuple[Tensor, int]], category_map: Any, *, desc: str, progress: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO box and mask result records of an instance segmenter over (image, image id) pairs."""
+    from qz_segmentation.instances import instance_results, is_instance_model
+
+    if not is_instance_model(model):
+        raise QzError(f"{type(model).__name__} is not an instance segmenter (see qz_segmentation.instances).")
+    model.eval()
+    boxes: list[dict[str, Any]] = []
+    segments: list[dict[str, Any]] = []
+    for image, image_id in tqdm(data, desc=desc, unit="image", disable=not progress):
+        prediction = model.segment_instances([image], [tuple(image.shape[-2:])])[0]
+        image_boxes, image_segments = instance_results(image_id, prediction, category_map)
+        boxes += image_boxes
+        segments += image_segments
+    return boxes, segments
+
+
+def _first(batch: list[Any]) -> Any:
+    return batch[0]
+
+
+def _instance_scores(
+    model: nn.Module, evaluated: Subset, category_map: Any, desc: str, workers: int, progress: bool
+) -> InstanceScores:
+    from qz_segmentation.instances import instance_scores
+
+    start = time.perf_counter()
+    loader = DataLoader(evaluated, batch_size=1, collate_fn=_first, num_workers=workers)
+    boxes, segments = segment_coco(model, loader, category_map, desc=desc, progress=progress)
+    seconds = time.perf_counter() - start
+    dataset = evaluated.dataset
+    scores = instance_scores(dataset.coco, boxes, segments, [dataset.ids[i] for i in evaluated.indices])
+    return InstanceScores(**scores, detections=len(boxes), images=len(evaluated), seconds=seconds)
+
+
+def evaluate_instance_segmenter(
+    model: str | None = None,
+    *,
+    data: str | os.PathLike,
+    split: str = COCO_SPLIT,
+    annotations: str | os.PathLike | None = None,
+    weights: Any = None,
+    quantize: str | None = None,
+    int8: str | os.PathLike | None = None,
+    calib_images: str | os.PathLike | None = None,
+    calib_batches: int = 16,
+    backend: str | None = None,
+    activation_observer: str | None = None,
+    limit: int | None = None,
+    num_classes: int | None = None,
+    label_map: str = "category_id",
+    model_kwargs: dict[str, Any] | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    seed: int = 0,
+) -> InstanceEval:
+    """COCO box and mask (segm) mAP of an instance segmenter (Mask R-CNN) on a COCO folder, in FP32 and INT8.
+
+    Args:
+        model: registered instance-segmentation model; optional with ``int8`` (its file names the model).
+        data: a COCO root (``<split>/`` images, ``annotations/instances_<split>.json``), or with
+            ``annotations`` the images folder itself. Object masks are polygons or RLE.
+        split: the split of a COCO root.
+        annotations: a COCO instances JSON file (then ``data`` is its images folder).
+        weights: enum name (``"DEFAULT"``) or float checkpoint.
+        quantize: ``"ptq"`` to also quantize the float model and evaluate it.
+        int8: an INT8 model file written by ``qz_core.save_quantized`` to evaluate as the INT8 row.
+        calib_images: a folder of images that calibrates PTQ; without it up to ``calib_batches``
+            evaluation images are held out (and left out of both evaluations).
+        calib_batches: number of calibration images.
+        backend, activation_observer: PTQ engine and activation observer (the engine's defaults).
+        limit: evaluate this many images (a seeded sample).
+        num_classes: class count of a checkpoint with its own head.
+        label_map: ``"category_id"`` (torchvision's COCO labels) or ``"contiguous"`` (``qz_detection.coco.LABEL_MAPS``).
+        model_kwargs: further builder arguments (``min_size``, ``box_score_thresh``, ...).
+        progress: show tqdm bars.
+        seed: seed of the held-out and ``limit`` samples.
+
+    Raises:
+        QzError: bad names, folders, annotation files, missing images, or a model that is not an instance segmenter.
+    """
+    from torchvision.transforms.functional import to_tensor
+
+    from qz_core import image_dataset
+    from qz_detection.coco import CategoryMap, CocoImages, find_coco, load_coco
+    from qz_detection.detector import num_classes_of
+
+    check_eval_options(quantize, int8, calib_batches=calib_batches, limit=limit)
+    model, _, int8_model = resolve_eval_model(model, int8, "segmentation", "evaluate_instance_segmenter()")
+    builder = get_model_builder(model)
+    images_dir, annotation_file = find_coco(data, split, annotations)
+    dataset = CocoImages(images_dir, load_coco(annotation_file))
+    kwargs = dict(model_kwargs or {}) | ({"num_classes": num_classes} if num_classes is not None else {})
+    float_model = None
+    if int8_model is None or weights is not None:
+        float_model = builder(weights=weights, **kwargs).eval()
+    num_labels = num_classes_of(float_model if float_model is not None else int8_model)
+    category_map = CategoryMap.for_model(label_map, dataset.coco.getCatIds(), num_labels, first_label=1)
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    calib_data: Any = None
+    if quantize:
+        if calib_images is not None:
+            calib_data = image_dataset(calib_images, to_tensor, purpose="calibration")
+            calibration = f"images of {os.fspath(calib_images)}"
+        else:
+            if len(dataset) < 2:
+                raise QzError(f"{str(images_dir)!r} has 1 annotated image: too few to hold out calibration images.")
+            hold_out = min(calib_batches, len(dataset) // 5) or 1
+            calib_data, order = Subset(dataset, sorted(order[:hold_out])), order[hold_out:]
+            calibration = f"{hold_out} of the {len(dataset)} images, held out (not evaluated)"
+    evaluated = Subset(dataset, sorted(order[:limit] if limit is not None else order))
+    ids = category_map.category_ids
+    result = InstanceEval(
+        model=model,
+        weights=None if weights is None else str(weights),
+        images_dir=str(images_dir),
+        annotations=str(annotation_file),
+        images=len(evaluated),
+        label_map=f"{label_map} ({len(ids)} categories, ids {ids[0]}..{ids[-1]})",
+    )
+    if float_model is not None:
+        result.fp32 = _instance_scores(float_model, evaluated, category_map, "FP32", workers, progress)
+    if quantize:
+        options = {"backend": backend, "activation_observer": activation_observer}
+        prepared = builder(weights=weights, quantize=True, **options, **kwargs)
+        shuffled = torch.randperm(len(calib_data), generator=torch.Generator().manual_seed(seed)).tolist()
+        seen = calibrate(prepared, (calib_data[i][0][None] for i in shuffled[:calib_batches]), progress=progress)
+        result.calibration = f"{calibration}, {seen} images fed"
+        int8_model = convert(prepared, inplace=True)
+        result.int8_source = "PTQ"
+    elif int8_model is not None:
+        result.int8_source = os.fspath(int8)
+    if int8_model is not None:
+        result.backend = set_backend(recipe_of(int8_model).options.backend)
+        result.int8 = _instance_scores(int8_model, evaluated, category_map, "INT8", workers, progress)
     return result

@@ -23,6 +23,17 @@ from qz_segmentation.data import (
     is_pair_folder,
     pad_collate,
 )
+from qz_segmentation.instances import (
+    InstanceBatch,
+    collate_instances,
+    draw_instances,
+    instance_training_data,
+    is_instance_model,
+    is_instance_sample,
+    is_instance_spec,
+    random_instance_targets,
+    target_instance_scores,
+)
 from qz_segmentation.losses import SegmentationLoss
 from qz_segmentation.voc import IMAGES, VOCSegmentationFolder, voc_root
 
@@ -93,7 +104,10 @@ def _draw_legend(draw: ImageDraw.ImageDraw, size: tuple[int, int], entries: list
 
 
 class SegmentationTask(Task):
-    """Semantic segmentation: per-pixel classes of FCN, DeepLabV3 and LRASPP, scored by mIoU."""
+    """Semantic segmentation (FCN, DeepLabV3, LRASPP; scored by mIoU) and instance segmentation (Mask R-CNN).
+
+    What an instance family does differently lives on its model class (``qz_segmentation.instances``).
+    """
 
     name = "segmentation"
     metric = "mIoU"
@@ -104,7 +118,9 @@ class SegmentationTask(Task):
     )
     training_layouts = (
         f"a Pascal VOC folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/{TRAIN_SPLIT}.txt) "
-        "or an image/mask folder pair (images/x.jpg with masks/x.png, same stem; 255 = ignore)"
+        "or an image/mask folder pair (images/x.jpg with masks/x.png, same stem; 255 = ignore); instance models: "
+        "a COCO folder (images/ and one instances *.json with polygons or RLE, or train2017/ and "
+        "annotations/instances_train2017.json)"
     )
 
     def default_transform(self, spec: ModelSpec) -> Transform:
@@ -130,6 +146,8 @@ class SegmentationTask(Task):
     def training_data(self, spec: ModelSpec, folder: Path, transform: Transform) -> Dataset:
         """(image, mask) pairs of ``folder`` (see ``training_layouts``), transformed jointly."""
         root = _check_folder(folder, "training")
+        if is_instance_spec(spec):
+            return instance_training_data(root, transform)
         voc = voc_root(root)
         if voc is not None:
             return VOCSegmentationFolder(voc, TRAIN_SPLIT, transform)
@@ -146,36 +164,75 @@ class SegmentationTask(Task):
         to one size would stretch objects. Zero is the mean colour after normalization, and padded mask
         pixels do not count in the loss.
         """
+        if samples and is_instance_sample(samples[0]):
+            return collate_instances(samples)
         return pad_collate(samples)
 
+    def model_inputs(self, batch: Any) -> Any:
+        """The images of a batch (an ``InstanceBatch``'s too)."""
+        return batch.images if isinstance(batch, InstanceBatch) else super().model_inputs(batch)
+
     def training_loss(self, model: nn.Module, batch: Any) -> Tensor:
-        """``SegmentationLoss`` (``out`` plus 0.5 x ``aux``, 255 ignored) of one (images, masks) batch."""
+        """``SegmentationLoss`` (``out`` plus 0.5 x ``aux``, 255 ignored) of one (images, masks) batch.
+
+        Instance segmenters: their own loss (``InstanceSegmenter.instance_loss``) of an ``InstanceBatch``.
+        """
+        if is_instance_model(model):
+            return model.instance_loss(batch.images, batch.targets or [])
         images, masks = batch
         return SegmentationLoss()(model(images), masks)
+
+    def headline_key(self, spec: ModelSpec) -> str:
+        """``mask_map`` for instance segmenters (Mask R-CNN), ``miou`` for semantic ones."""
+        return "mask_map" if is_instance_spec(spec) else self.score_key
 
     def score(self, model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> dict[str, float]:
         """Mean IoU and pixel accuracy (percent) and per-pixel cross-entropy over (images, masks) batches."""
         from qz_segmentation.evaluate import segmentation_scores
 
+        if is_instance_model(model):  # InstanceBatches: COCO box and mask mAP
+            return target_instance_scores(model, batches, progress=progress)
         return segmentation_scores(model, batches, progress=progress)
 
     def export_module(self, model: nn.Module) -> nn.Module:
-        """``model`` returning its ``out`` logits tensor (the aux head is for training only)."""
+        """``model`` returning its ``out`` logits tensor (the aux head is for training only); an instance
+        segmenter's own dense network."""
+        if is_instance_model(model):
+            return model.export_module()
         return SegmentationLogits(model)
 
-    def example_training_batch(self, spec: ModelSpec, batch_size: int = 2) -> tuple[Tensor, Tensor]:
-        """Random images and masks of classes 0 and 1, a quarter of the pixels ignored (255)."""
+    def example_training_batch(self, spec: ModelSpec, batch_size: int = 2) -> tuple[Tensor, Tensor] | InstanceBatch:
+        """Random images and masks of classes 0 and 1, a quarter of the pixels ignored (255).
+
+        Instance models: random images with two random objects each (boxes, elliptic masks, category id 1).
+        """
+        if is_instance_spec(spec):
+            images = torch.rand(batch_size, 3, *spec.input_size, generator=torch.Generator().manual_seed(0))
+            return InstanceBatch(images, random_instance_targets(images))
         height, width = spec.input_size
         masks = torch.randint(0, 2, (batch_size, height, width))
         masks[torch.rand(batch_size, height, width) < 0.25] = 255
         return torch.rand(batch_size, 3, height, width), masks
 
+    def settle_random_weights(self, model: nn.Module, inputs: Sequence[Any]) -> None:
+        """BatchNorm statistics from ``inputs``; an instance segmenter settles itself (heads re-initialized too)."""
+        if is_instance_model(model):
+            model.settle_random_weights(inputs)
+        else:
+            super().settle_random_weights(model, inputs)
+
     @torch.inference_mode()
-    def predict(self, model: nn.Module, images: Sequence[Image.Image], transform: Transform) -> list[Tensor]:
-        """Per image an ``(H, W)`` int64 map of class indices at the image's own size."""
+    def predict(self, model: nn.Module, images: Sequence[Image.Image], transform: Transform) -> list[Any]:
+        """Per image an ``(H, W)`` int64 map of class indices at the image's own size.
+
+        Instance segmenters: per image a dict of ``boxes``, ``labels``, ``scores`` and boolean ``masks`` (N, H, W).
+        """
         from qz_segmentation.evaluate import logits_of
 
         model.eval()
+        if is_instance_model(model):
+            inputs = [transform(image.convert("RGB")) for image in images]
+            return model.segment_instances(inputs, [(image.height, image.width) for image in images])
         predictions = []
         for image in images:
             logits = logits_of(model(transform(image.convert("RGB")).unsqueeze(0)))
@@ -187,11 +244,14 @@ class SegmentationTask(Task):
         """``image`` (at least ``DRAW_MIN_SIDE`` on its long side) with the classes painted over it, a title, a legend.
 
         Class 0 (the background of VOC-style labels) is left clear; the title sits on a band at the top,
-        the legend of the classes found on a band at the bottom.
+        the legend of the classes found on a band at the bottom. An instance prediction (a dict) is drawn
+        by ``draw_instances``: semi-transparent masks, boxes and labels.
         """
         from torchvision.transforms.functional import pil_to_tensor
         from torchvision.utils import draw_segmentation_masks
 
+        if isinstance(prediction, Mapping):
+            return draw_instances(image, prediction, class_names, title)
         mask = torch.as_tensor(prediction)
         if tuple(mask.shape) != (image.height, image.width):
             raise QzError(f"A {tuple(mask.shape)} mask does not fit a {image.width}x{image.height} image.")
@@ -219,21 +279,41 @@ class SegmentationTask(Task):
         return Image.alpha_composite(canvas, overlay).convert("RGB")
 
     def add_eval_command(self, parser: argparse.ArgumentParser) -> None:
-        """``qz eval segmentation``: mIoU and pixel accuracy, FP32 beside INT8, on a VOC-layout folder."""
+        """``qz eval segmentation``: mIoU and pixel accuracy on a VOC-layout folder (instance models: COCO box and
+        mask mAP on a COCO folder), FP32 beside INT8."""
         from qz_core.cli.evaluation import add_eval_arguments
+        from qz_detection.coco import LABEL_MAPS
 
         parser.description = (
             "Mean IoU and pixel accuracy on a Pascal VOC-layout folder (JPEGImages/, SegmentationClass/ "
-            "PNG masks with 255 = ignore, ImageSets/Segmentation/<split>.txt), FP32 and INT8 side by side."
+            "PNG masks with 255 = ignore, ImageSets/Segmentation/<split>.txt), FP32 and INT8 side by side. "
+            "Instance models (Mask R-CNN): COCO box and mask mAP (pycocotools) on a COCO folder (<split>/ images "
+            "and annotations/instances_<split>.json with polygons or RLE, or --annotations FILE)."
         )
         add_eval_arguments(
             parser,
             task=self.name,
             weights_help="weights name (DEFAULT, ...) or float checkpoint",
-            data_help="VOC folder (or a parent holding VOC2012/ or VOCdevkit/VOC2012/)",
+            data_help="VOC folder (or a parent holding VOC2012/ or VOCdevkit/VOC2012/); instance models: COCO folder "
+            "(with --annotations: the images folder)",
         )
         parser.add_argument(
-            "--split", default="val", help="ImageSets/Segmentation/<split>.txt to evaluate (default: val)"
+            "--split",
+            default=None,
+            help="ImageSets/Segmentation/<split>.txt to evaluate (default: val); instance models: <split>/ and "
+            "instances_<split>.json (default: val2017)",
+        )
+        parser.add_argument(
+            "--annotations", default=None, help="instance models: COCO instances JSON (--data: its images)"
+        )
+        parser.add_argument(
+            "--calib-images", default=None, help="instance models: images that calibrate PTQ (default: held out)"
+        )
+        parser.add_argument(
+            "--label-map",
+            choices=sorted(LABEL_MAPS),
+            default="category_id",
+            help="instance models: model label -> category id (default: category_id, torchvision's COCO labels)",
         )
         parser.add_argument("--calib-split", default=None, help="split that calibrates PTQ (default: held-out images)")
         parser.add_argument("--aux-loss", action="store_true", help="the checkpoint holds an aux classifier")
@@ -249,11 +329,26 @@ class SegmentationTask(Task):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from qz_core.cli.evaluation import report_eval, shared_eval_options
-    from qz_segmentation.evaluate import evaluate_segmenter
+    from qz_segmentation.evaluate import (
+        COCO_SPLIT,
+        evaluate_instance_segmenter,
+        evaluate_segmenter,
+        names_instance_model,
+    )
 
+    if names_instance_model(args.model, args.int8):
+        result = evaluate_instance_segmenter(
+            args.model,
+            split=args.split or COCO_SPLIT,
+            annotations=args.annotations,
+            calib_images=args.calib_images,
+            label_map=args.label_map,
+            **shared_eval_options(args),
+        )
+        return report_eval(result, args.json)
     result = evaluate_segmenter(
         args.model,
-        split=args.split,
+        split=args.split or "val",
         calib_split=args.calib_split,
         aux_loss=True if args.aux_loss else None,
         **shared_eval_options(args),
