@@ -74,7 +74,86 @@ def _register_quantized_symbolics() -> None:
     torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d", _quantized_batch_norm(relu=False), 10)
     torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d_relu", _quantized_batch_norm(relu=True), 10)
     torch.onnx.register_custom_op_symbolic("quantized::hardswish", _quantized_hardswish, 10)
+    torch.onnx.register_custom_op_symbolic("aten::hardsigmoid", _hardsigmoid, 9)
+    for opset in (9, 18):  # the opsets whose modules define a stock aten::mean
+        torch.onnx.register_custom_op_symbolic("aten::mean", _mean(), opset)
     _symbolics_registered = True
+
+
+def _is_quantized_value(value: Any) -> bool:
+    """Whether a symbolic's argument is a quantized tensor: the exporter's (values, scale, zero point) tuple."""
+    from torch.onnx._internal.torchscript_exporter.symbolic_helper import _is_tuple_construct, _is_value
+
+    return _is_value(value) and _is_tuple_construct(value)
+
+
+def _constant(g: Any, value: float | int, dtype: torch.dtype) -> Any:
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _quantized_tuple(g: Any, values: Any, scale: float, zero_point: int) -> Any:
+    """The exporter's quantized tensor: uint8 ``values`` read with ``scale`` and ``zero_point``."""
+    return g.op(
+        "prim::TupleConstruct", values, _constant(g, scale, torch.float32), _constant(g, zero_point, torch.uint8)
+    )
+
+
+def _hardsigmoid(g: Any, x: Any) -> Any:
+    """Symbolic for aten::hardsigmoid that runs a quantized input as one integer add (QLinearAdd).
+
+    PyTorch's quantized hardsigmoid outputs scale 1/256, zero point 0. ``x + 3`` quantized with scale
+    6/256 and zero point 0 holds the same bytes: QuantizeLinear's saturation is the clamp to [0, 6], and
+    read with scale 1/256 they are ``clamp(x + 3, 0, 6) / 6``. onnxruntime fuses DQ/DQ -> Add -> Q into
+    QLinearAdd and OpenVINO runs it in u8; the stock symbolic (DQ -> HardSigmoid -> Q) runs in float
+    in both. Float inputs export as before.
+    """
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx._internal.torchscript_exporter import symbolic_opset9
+
+    if not _is_quantized_value(x):
+        return symbolic_opset9.hardsigmoid(g, x)
+    x, _, _, _ = sh.dequantize_helper(g, x)
+    three = g.op(
+        "DequantizeLinear",
+        _constant(g, 1, torch.uint8),
+        _constant(g, 3.0, torch.float32),
+        _constant(g, 0, torch.uint8),
+    )
+    shifted = g.op(
+        "QuantizeLinear", g.op("Add", x, three), _constant(g, 6 / 256, torch.float32), _constant(g, 0, torch.uint8)
+    )
+    return _quantized_tuple(g, shifted, 1 / 256, 0)
+
+
+def _mean() -> Callable[..., Any]:
+    """Symbolic for aten::mean that exports a quantized global spatial mean as GlobalAveragePool.
+
+    ``x.mean([2, 3])`` of a quantized NCHW tensor becomes DQ -> GlobalAveragePool -> Q (input's scale,
+    as PyTorch's quantized mean), then a reshape of the integers: onnxruntime fuses the first three into
+    QLinearGlobalAveragePool; it has no integer ReduceMean. Everything else exports as before.
+    """
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper as ts
+
+    stock = ts._reduce_with_dtype_helper("ReduceMean", "mean")
+
+    def is_global_spatial(x: Any, dims: Any, dtype: Any) -> bool:
+        if not _is_quantized_value(x) or sh._get_tensor_rank(ts._unpack_quantized_tensor(x)[0]) != 4:
+            return False
+        dims = sh._maybe_get_const(dims, "is")
+        return isinstance(dims, list) and sorted(d % 4 for d in dims) == [2, 3] and sh._is_none(dtype)
+
+    def symbolic(g: Any, x: Any, *args: Any) -> Any:
+        if len(args) != 3 or not is_global_spatial(x, args[0], args[2]):
+            return stock(g, x, *args)
+        keepdim = sh._maybe_get_const(args[1], "i")
+        values, scale, zero_point, _ = sh.dequantize_helper(g, x)
+        pooled = g.op("QuantizeLinear", g.op("GlobalAveragePool", values), scale, zero_point)
+        if not keepdim:
+            pooled = g.op("Flatten", pooled, axis_i=1)
+        return g.op("prim::TupleConstruct", pooled, scale, zero_point)
+
+    return symbolic
 
 
 def _quantized_hardswish(g: Any, x: Any, scale: Any, zero_point: Any) -> Any:
@@ -100,35 +179,59 @@ def _quantized_hardswish(g: Any, x: Any, scale: Any, zero_point: Any) -> Any:
 
 
 def _quantized_batch_norm(relu: bool) -> Callable[..., Any]:
-    """Symbolic for quantized::batch_norm2d(_relu): one multiply-add per channel on the integers [-> Relu] -> Q.
+    """Symbolic for quantized::batch_norm2d(_relu): a depthwise 1x1 QDQ convolution [-> Relu] -> Q.
 
-    With ``k = weight / sqrt(var + eps)``, BatchNorm of the dequantized input ``(q - zp) * s`` is
-    ``q * (s * k) + (bias - mean * k - zp * s * k)``, so the symbolic casts the integers to float and
-    applies that per-channel affine (constants that exporters and runtimes fold). The plain form,
-    DequantizeLinear -> BatchNormalization, crashes OpenVINO 2026.4 (segfault in compile_model) after a
-    quantized Concat, as in densely connected blocks: Concat -> QuantizeLinear (zero point not 0) -> DequantizeLinear ->
-    ... -> QuantizeLinear. Both compute the same values in float.
+    With ``k = weight / sqrt(var + eps)``, BatchNorm is ``x * k + (bias - mean * k)`` per channel, which
+    ``_depthwise_affine`` writes as the QDQ form of an int8 convolution: onnxruntime fuses it into
+    QLinearConv, where a float multiply-add would run between DQ and Q. Below opset 13 (no per-channel
+    DequantizeLinear) the multiply-add stays in float. The plain form, DequantizeLinear ->
+    BatchNormalization, crashes OpenVINO 2026.4 (segfault in compile_model) after a quantized Concat, as
+    in densely connected blocks: Concat -> QuantizeLinear (zero point not 0) -> DequantizeLinear -> ...
     """
     from torch.onnx import symbolic_helper as sh
-    from torch.onnx._internal.torchscript_exporter.symbolic_helper import _unpack_quantized_tensor
-
-    float32 = 1  # onnx.TensorProto.FLOAT
 
     @sh.parse_args("v", "v", "v", "v", "v", "f", "v", "v")
     def symbolic(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float, scale: Any, zp: Any) -> Any:
-        values, in_scale, in_zp = _unpack_quantized_tensor(x)[:3]
-        eps_t = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
-        k = g.op("Div", weight, g.op("Sqrt", g.op("Add", var, eps_t)))
-        gain = g.op("Mul", k, g.op("Cast", in_scale, to_i=float32))
-        shift = g.op(
-            "Sub", g.op("Sub", bias, g.op("Mul", mean, k)), g.op("Mul", gain, g.op("Cast", in_zp, to_i=float32))
-        )
-        per_channel = g.op("Constant", value_t=torch.tensor([1, -1, 1, 1], dtype=torch.int64))
-        out = g.op("Mul", g.op("Cast", values, to_i=float32), g.op("Reshape", gain, per_channel))
-        out = g.op("Add", out, g.op("Reshape", shift, per_channel))
+        k = g.op("Div", weight, g.op("Sqrt", g.op("Add", var, _constant(g, eps, torch.float32))))
+        shift = g.op("Sub", bias, g.op("Mul", mean, k))
+        x, in_scale, _, _ = sh.dequantize_helper(g, x)
+        channels = sh._get_tensor_dim_size(x, 1)
+        if g.opset >= 13 and channels is not None:
+            out = _depthwise_affine(g, x, in_scale, k, shift, channels)
+        else:
+            per_channel = _constant(g, [1, -1, 1, 1], torch.int64)
+            out = g.op("Add", g.op("Mul", x, g.op("Reshape", k, per_channel)), g.op("Reshape", shift, per_channel))
         return sh.quantize_helper(g, g.op("Relu", out) if relu else out, scale, zp)
 
     return symbolic
+
+
+def _depthwise_affine(g: Any, x: Any, in_scale: Any, gain: Any, shift: Any, channels: int) -> Any:
+    """``x * gain + shift`` per channel as Conv(x, DQ(int8 weight), DQ(int32 bias)): an int8 depthwise 1x1 conv.
+
+    The weight scale is ``|gain| / 127``, so the int8 weight ``±127`` is exact and the int32 bias is
+    rounded to 1/127 of an input step times ``|gain|``. The scale is raised where the bias would need
+    more than 30 bits (a channel whose gain is next to nothing against its shift), and kept positive.
+    """
+    int8, int32 = 3, 6  # onnx.TensorProto.INT8, INT32
+    bias_limit = g.op("Div", g.op("Abs", shift), g.op("Mul", in_scale, _constant(g, 2.0**30, torch.float32)))
+    weight_scale = g.op(
+        "Max",
+        g.op("Div", g.op("Abs", gain), _constant(g, 127.0, torch.float32)),
+        bias_limit,
+        _constant(g, 1e-30, torch.float32),
+    )
+    weight_int = g.op("Cast", g.op("Round", g.op("Div", gain, weight_scale)), to_i=int8)
+    weight_int = g.op("Reshape", weight_int, _constant(g, [-1, 1, 1, 1], torch.int64))
+    weight = g.op("DequantizeLinear", weight_int, weight_scale, _zeros_like(g, weight_scale, torch.int8), axis_i=0)
+    bias_scale = g.op("Mul", weight_scale, in_scale)
+    bias_int = g.op("Cast", g.op("Round", g.op("Div", shift, bias_scale)), to_i=int32)
+    bias = g.op("DequantizeLinear", bias_int, bias_scale, _zeros_like(g, bias_scale, torch.int32), axis_i=0)
+    return g.op("Conv", x, weight, bias, group_i=channels, kernel_shape_i=[1, 1])
+
+
+def _zeros_like(g: Any, value: Any, dtype: torch.dtype) -> Any:
+    return g.op("ConstantOfShape", g.op("Shape", value), value_t=torch.tensor([0], dtype=dtype))
 
 
 def _flatten(output: Any) -> list[np.ndarray]:

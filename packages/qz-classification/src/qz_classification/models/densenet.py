@@ -9,10 +9,10 @@ convolution carrying the BatchNorm's affine, followed by ReLU (a quantized ``Con
 
 Measured on densenet121, 224x224, batch 1, one thread (shared machine, medians):
 FP32 604 ms; x86 INT8 'bn' 257 ms, 'conv' 1520 ms (fbgemm has no fast depthwise 1x1 kernel);
-onnxruntime INT8 'bn' 176 ms, 'conv' 125-144 ms; |INT8 - FP32| about equal for both forms.
-torch's ONNX exporter has no symbolic for quantized BatchNorm: this module registers one
-(dequantize -> BatchNormalization [-> Relu] -> quantize), so both forms export and run in
-onnxruntime.
+|INT8 - FP32| about equal for both forms. torch's ONNX exporter has no symbolic for quantized
+BatchNorm: qz's (``qz_core.onnx_export``) writes it as an int8 depthwise 1x1 convolution, so
+onnxruntime runs both forms as QLinearConv (it ran 'bn' as float multiply-adds: 176 ms against
+125-144 ms for 'conv').
 
 Every concatenation runs through ``FloatFunctional.cat``, which requantizes its inputs to one
 scale (``torch.cat`` on quantized tensors of different scales is wrong).
@@ -150,7 +150,8 @@ class QuantizableDenseNet(DenseNet):
 
     Args:
         bn_relu: how BN-ReLU pairs without a preceding conv fuse: ``'bn'`` (``BNReLU2d``,
-            fastest in PyTorch) or ``'conv'`` (depthwise 1x1 conv + ReLU, fastest in onnxruntime).
+            fastest in PyTorch) or ``'conv'`` (depthwise 1x1 conv + ReLU). Both export to ONNX as
+            the same int8 depthwise convolution.
         *args, **kwargs: torchvision ``DenseNet`` arguments.
     """
 
