@@ -33,7 +33,7 @@ def _dependencies(package: str) -> list[str]:
         "qz-core": ["qz-core"],
         "qz-classification": ["qz-core", "qz-classification"],
         "qz-detection": ["qz-core", "qz-classification", "qz-detection"],
-        "qz-segmentation": ["qz-core", "qz-classification", "qz-segmentation"],
+        "qz-segmentation": ["qz-core", "qz-classification", "qz-detection", "qz-segmentation"],
         "integration": PACKAGES,
     }
     return chain[package]
@@ -150,6 +150,7 @@ def bench(session: nox.Session) -> None:
     budget per model (about 1.5 hours on 2 cores). Run it on a quiet machine; add --readme README.md to publish.
     """
     _install(session, *PACKAGES)
+    session.install(*CONSTRAINTS, "-e", f"{ROOT / 'packages' / 'qz-core'}[bench]")  # OpenVINO, NNCF (--anchors nncf)
     args = session.posargs or ["--all", "--torchvision", "--warmup", "2", "--budget", "30"]
     session.run("qz", "bench", "--out", str(ROOT / "benchmarks" / "results"), *args, env=ENV)
 
@@ -171,3 +172,22 @@ def zoo(session: nox.Session) -> None:
         session.run(
             "pytest", str(_test_dir(package)), "-m", "zoo", "-q", *session.posargs, env=ENV, success_codes=[0, 5]
         )
+
+
+@nox.session
+def study(session: nox.Session) -> None:
+    """The seed's PTQ study (fusion, observers, start stage, calibration) on the digits demo's ResNet-18.
+
+    Writes scikit-learn's digits as image folders and trains the demo's ResNet-18 on them (kept in the session's
+    tmp folder between runs), then runs 'qz study' into benchmarks/study/ (tables, CSVs, plots). Args go to
+    'qz study' in place of the four sweeps, e.g. `-- --sweep fusion,calibration --jobs 2`. Rows are cached there:
+    a stopped run resumes. Latency is batch 1, one thread: run it on a quiet machine.
+    """
+    packages = ("-e", _package_path("qz-core"), "-e", _package_path("qz-classification[demo]"))
+    session.install(*CONSTRAINTS, *packages, "matplotlib", "pyyaml")
+    work, out = Path(session.create_tmp()) / "digits", ROOT / "benchmarks" / "study"
+    session.run("python", str(out / "prepare_digits.py"), "--out", str(work), "--image-size", "64", env=ENV)
+    inputs = ["--weights", str(work / "resnet18_digits.pth"), "--num-classes", "10", "--input-size", "64"]
+    inputs += ["--data", str(work / "val"), "--calib", str(work / "train"), "--out", str(out)]
+    sweeps = session.posargs or ["--sweep", "fusion,observers,start,calibration"]
+    session.run("qz", "study", "resnet18", *inputs, *sweeps, env=ENV)

@@ -72,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bench_parser() -> argparse.ArgumentParser:
+    """``qz bench`` alone (``qz_core.tools.bench.cli``)."""
+    from qz_core.tools.bench.cli import add_bench_command
+
+    parser = argparse.ArgumentParser(prog="qz")
+    add_bench_command(parser.add_subparsers(dest="command"), [TOY_TASK.name])
+    return parser
+
+
 @pytest.fixture(scope="module")
 def bench_rows() -> list[BenchRow]:
     return run_benchmark([TINY, BROKEN], rounds=3, warmup=1, calib_batches=2, ort_quantize=True, progress=False)
@@ -325,12 +334,13 @@ def test_saved_results_read_back_and_re_render(bench_rows: list[BenchRow], tmp_p
         assert (got.target, got.error, got.int8_mb, got.input_size) == (want.target, want.error, want.int8_mb, (32, 32))
     assert bench_markdown(rows, meta) == bench_markdown(bench_rows, meta)
 
-    parser = _parser()
+    parser = _bench_parser()
     readme = tmp_path / "README.md"
     readme.write_text("<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
     later = BenchRow(TINY, latency={"fp32": Latency(8.0, 8.0, 8.0, 3), "int8": Latency(2.0, 2.0, 2.0, 3)})
     second = write_bench_outputs([later], tmp_path / "second", {"threads": 2})["json"]
-    args = parser.parse_args(["bench", "--from", str(paths["json"]), str(second), "--out", str(tmp_path / "merged")])
+    merge = ["bench", "--from", str(paths["json"]), str(second), "--out", str(tmp_path / "merged")]
+    args = parser.parse_args([*merge, "--allow-busy"])  # rows timed here may be flagged busy: other jobs share CPUs
     args.readme = str(readme)
     assert args.func(args) == 0
     merged, _ = read_bench_json(tmp_path / "merged" / "bench.json")
@@ -420,3 +430,98 @@ def test_timing_puts_threads_and_denormal_handling_back() -> None:
     assert torch.get_num_threads() == threads and not _denormals_flushed()
     measure_latency(nn.Linear(2, 2), torch.ones(1, 2), threads=1, warmup=0, rounds=1)
     assert torch.get_num_threads() == threads and not _denormals_flushed()
+
+
+def _timed_row(model: str, int8: float = 4.0, **fields: Any) -> BenchRow:
+    latency = {"fp32": Latency(10.0, 9.0, 11.0, 3), "int8": Latency(int8, int8, int8, 3)}
+    return BenchRow(model, latency=latency, **fields)
+
+
+def test_busy_is_read_from_other_processes_cpu_while_timing() -> None:
+    from qz_core.tools.bench.results import is_busy
+    from qz_core.tools.bench.run import CpuSample, cpu_sample, other_cores
+
+    before, after = CpuSample(10.0, 100.0, 5.0), CpuSample(12.0, 104.0, 7.0)
+    assert other_cores(before, after) == pytest.approx(1.0)  # 4 busy CPU seconds, 2 of them ours, over 2 s
+    assert other_cores(before, CpuSample(12.0, 101.0, 7.0)) == 0.0 and other_cores(None, after) is None
+    assert is_busy(0.1, 0.6, threads=1) and not is_busy(9.0, 0.2, threads=1)  # other processes' cores decide
+    assert is_busy(2.0, None, threads=1) and not is_busy(1.2, None, threads=1)  # else the load average
+    sample = cpu_sample()
+    assert sample is None or sample.machine_busy_s > 0
+    (row,) = run_benchmark([TINY], rounds=1, warmup=0, ort=False, progress=False)
+    assert row.load_average is not None and row.other_cores is not None and row.other_cores >= 0
+    assert row.busy == is_busy(row.load_average, row.other_cores, threads=1)
+
+
+def test_readme_refuses_busy_rows_unless_allowed(tmp_path) -> None:
+    rows = [_timed_row("quiet"), _timed_row("loaded", busy=True, other_cores=1.3, load_average=2.5)]
+    saved = write_bench_outputs(rows, tmp_path / "run", {"threads": 1}, plots=False)["json"]
+    assert "- **loaded**: 1.30 other cores, load 2.50" in bench_markdown(rows)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\n")
+    parser = _bench_parser()
+    argv = ["bench", "--from", str(saved), "--out", str(tmp_path / "out"), "--readme", str(readme)]
+    args = parser.parse_args(argv)
+    with pytest.raises(QzError, match=r"^Not writing the README block: 1 row\(s\) timed on a busy machine \(loaded\)"):
+        args.func(args)
+    assert "old" in readme.read_text()
+    args = parser.parse_args([*argv, "--allow-busy"])
+    assert args.func(args) == 0 and "| loaded |" in readme.read_text()
+    rows[1].busy = False
+    quiet = write_bench_outputs(rows, tmp_path / "quiet", {"threads": 1}, plots=False)["json"]
+    args = parser.parse_args(["bench", "--from", str(quiet), "--out", str(tmp_path / "o2"), "--readme", str(readme)])
+    assert args.func(args) == 0
+
+
+def test_retime_busy_times_only_busy_rows_and_merges(tmp_path, capsys) -> None:
+    from qz_core.tools.bench.cli import run_settings
+
+    parser = _bench_parser()
+    settings = run_settings(parser.parse_args(["bench", "--rounds", "2", "--warmup", "0", "--no-ort"]), "x86")
+    rows = [_timed_row(TINY, int8=999.0, busy=True), _timed_row("kept", int8=3.0)]
+    saved = write_bench_outputs(rows, tmp_path / "run", {"threads": 1, "settings": settings}, plots=False)["json"]
+    args = parser.parse_args(["bench", "--from", str(saved), "--retime-busy", "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    merged, meta = read_bench_json(tmp_path / "out" / "bench.json")
+    assert [r.model for r in merged] == [TINY, "kept"] and merged[1].latency == rows[1].latency
+    assert merged[0].latency["int8"].runs == 2 and merged[0].ms("int8") != 999.0 and merged[0].other_cores is not None
+    assert meta["retimed"][0]["models"] == [TINY] and f"Re-timing 1 busy row(s): {TINY}" in capsys.readouterr().out
+    with pytest.raises(QzError, match="--retime-busy re-times the busy rows of saved results"):
+        args = parser.parse_args(["bench", TINY, "--retime-busy", "--out", str(tmp_path / "x")])
+        args.func(args)
+    old = write_bench_outputs(rows, tmp_path / "old", {"threads": 1}, plots=False)["json"]
+    args = parser.parse_args(["bench", "--from", str(old), "--retime-busy", "--out", str(tmp_path / "y")])
+    with pytest.raises(QzError, match="do not record their run settings"):
+        args.func(args)
+
+
+def test_each_row_is_read_against_its_spec_target_and_the_targets_are_shown() -> None:
+    row = _timed_row("r", int8=2.0, target=0.15)
+    row.family = "tiny"
+    other = _timed_row("s", int8=1.0, target=0.4)
+    other.family = "wide"
+    text = bench_markdown([row, other], {"threads": 1, "rounds": 3})
+    assert "deployed ratio (set by each model's task package) at most tiny 0.15; wide 0.40." in text
+    assert "INT8 / fastest FP32 at most 0.70" in text and "| 0.20 | 0.20 | 0.15 | **N** |" in text
+
+
+def test_ratio_plot_has_one_axis_per_task_and_a_bounded_size(tmp_path) -> None:
+    from PIL import Image
+
+    from qz_core.tools.bench.render import PLOT_DPI, PLOT_MAX_HEIGHT_IN, PLOT_WIDTH_IN, plot_ratios, ratio_figure
+
+    tasks = {"classification": ("resnet", "mobilenet"), "detection": ("yolo",), "segmentation": ("fcn",)}
+    rows = [
+        _timed_row(f"{family}{i}", int8=1.0 + i % 15, task=task, family=family)
+        for task, families in tasks.items()
+        for family in families
+        for i in range(40)
+    ]
+    rows.append(BenchRow("unmeasured", task="other"))
+    figure = ratio_figure(rows)
+    assert [ax.get_title(loc="left") for ax in figure.axes] == list(tasks)
+    assert len(figure.axes[0].get_yticks()) == 80
+    path = plot_ratios(rows, tmp_path / "bench_ratio.png")
+    width, height = Image.open(path).size
+    assert width <= PLOT_WIDTH_IN * PLOT_DPI + 1 and height <= PLOT_MAX_HEIGHT_IN * PLOT_DPI + 1
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_ratio.png"]  # no temporary file left beside it

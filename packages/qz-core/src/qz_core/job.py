@@ -26,6 +26,7 @@ from qz_core.errors import QzError, invalid_choice
 from qz_core.files import atomic_path, check_output_dir, check_output_path
 from qz_core.fusion import check_fuse_level
 from qz_core.measure import measure_latency, model_size_mb
+from qz_core.mixed_precision import Calibration, MixedPrecisionResult, Scorer, keep_float_until
 from qz_core.onnx_export import OnnxReport, export_onnx
 from qz_core.registry import get_model_builder, get_model_spec, get_task
 from qz_core.task import Task, Transform
@@ -70,6 +71,8 @@ class QuantizeRequest:
         train: labelled training folder for QAT, in a layout of the model's task.
         onnx: also export the INT8 model to this ONNX file.
         model_kwargs: the builder's own keywords (``num_classes``) and ``QuantOptions`` fields.
+        max_drop: keep the most sensitive layers in float until the task metric on ``val`` is within this of FP32.
+        val: labelled validation folder for ``max_drop``, in a training layout of the model's task.
     """
 
     model: str
@@ -89,6 +92,8 @@ class QuantizeRequest:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     latency: bool = True
     progress: bool = True
+    max_drop: float | None = None
+    val: Path | None = None
 
     def check(self) -> tuple[ModelSpec, Task, WeightsSource | None]:
         """Checks everything that can be checked before a model is built.
@@ -111,6 +116,7 @@ class QuantizeRequest:
             raise QzError(f"Post-training quantization needs --calib DIR: {get_task(spec.task).calibration_layouts}.")
         _check_folder(self.calib, "--calib")
         _check_folder(self.train, "--train")
+        self._check_max_drop(spec)
         check_fuse_level(self.model_kwargs.get("fuse_level", "all"))
         out = check_output_path(self.out, "--out", MODEL_SUFFIXES)
         outputs = [out] + ([check_output_path(self.onnx, "--onnx", ONNX_SUFFIXES)] if self.onnx else [])
@@ -123,6 +129,19 @@ class QuantizeRequest:
         ):
             raise QzError(f"An output would overwrite the weights file {str(source.path)!r}.")
         return spec, get_task(spec.task), source
+
+    def _check_max_drop(self, spec: ModelSpec) -> None:
+        if self.max_drop is None:
+            if self.val is not None:
+                raise QzError("--val is the validation folder of --max-drop: pass --max-drop too.")
+            return
+        if not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise QzError(f"--max-drop must be a number >= 0 (the allowed metric drop); got {self.max_drop}.")
+        if self.val is None:
+            raise QzError(f"--max-drop needs --val DIR, labelled: {get_task(spec.task).training_layouts}.")
+        if self.qat:
+            raise QzError("--max-drop chooses float layers for post-training quantization: drop --qat.")
+        _check_folder(self.val, "--val")
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,7 @@ class QuantizeResult:
     fp32_ms: float | None = None
     int8_ms: float | None = None
     onnx: OnnxReport | None = None
+    mixed: MixedPrecisionResult | None = None
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -153,6 +173,8 @@ class QuantizeResult:
             )
         if self.onnx is not None:
             lines.append(str(self.onnx))
+        if self.mixed is not None:
+            lines.append(self.mixed.summary())
         return "\n".join(lines)
 
 
@@ -188,7 +210,9 @@ def quantize_model(request: QuantizeRequest) -> QuantizeResult:
     float_model = get_model_builder(spec.name)(weights=source, progress=request.progress, **request.model_kwargs)
     fp32_mb = model_size_mb(float_model)
     fp32_ms = _latency(float_model, sample) if request.latency else None
-    model = prepare_built(copy.deepcopy(float_model) if request.latency else float_model, is_qat=request.qat)
+    mixed = _keep_float_layers(request, spec, task, source, float_model, data) if request.max_drop is not None else None
+    kept = {"float_modules": (*recipe_of(float_model).options.float_modules, *mixed.float_layers)} if mixed else {}
+    model = prepare_built(copy.deepcopy(float_model) if request.latency else float_model, is_qat=request.qat, **kept)
     losses: list[float] = []
     if request.qat:
         losses = train_qat(
@@ -212,8 +236,31 @@ def quantize_model(request: QuantizeRequest) -> QuantizeResult:
         report = export_onnx(task.export_module(int8), request.onnx, example, opset=request.opset)
     int8_ms = _latency(int8, sample) if request.latency else None
     return QuantizeResult(
-        spec.name, Path(request.out), fp32_mb, model_size_mb(int8), batches, losses, fp32_ms, int8_ms, report
+        spec.name, Path(request.out), fp32_mb, model_size_mb(int8), batches, losses, fp32_ms, int8_ms, report, mixed
     )
+
+
+def _keep_float_layers(
+    request: QuantizeRequest,
+    spec: ModelSpec,
+    task: Task,
+    source: WeightsSource | None,
+    float_model: nn.Module,
+    data: DataLoader,
+) -> MixedPrecisionResult:
+    """The layers ``--max-drop`` keeps in float (``mixed_precision.keep_float_until`` on ``--val``)."""
+    val = task.training_data(spec, request.val, task.transform(spec, source))
+    batches = _loader(task, val, request.batch_size, request.workers, shuffle=False)
+    example = task.model_inputs(task.collate([val[0]]))
+    calibration = Calibration(data, request.calib_batches, request.calib_fraction)
+    _, result = keep_float_until(
+        float_model,
+        calibration,
+        Scorer(task, batches, example, task.headline_key(spec)),
+        request.max_drop,
+        progress=request.progress,
+    )
+    return result
 
 
 def _latency(model: nn.Module, inputs: Any) -> float:

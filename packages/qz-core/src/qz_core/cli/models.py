@@ -61,6 +61,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         opset=args.opset,
         model_kwargs=_model_kwargs(args) | options,
         progress=not args.no_progress,
+        max_drop=args.max_drop,
+        val=Path(args.val) if args.val else None,
     )
     _show_warnings()
     print(quantize_model(request).summary())
@@ -136,6 +138,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", default=None, help="labelled training folder for --qat, in a layout of the model's task")
     p.add_argument("--epochs", type=int, default=1, help="QAT epochs (default: 1)")
     p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate (default: 1e-4)")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        help="keep the most sensitive layers (and those slower in INT8) in float until the task metric on --val is "
+        "within this of FP32, e.g. 0.5 top-1 points",
+    )
+    p.add_argument("--val", default=None, help="labelled validation folder for --max-drop, in a training layout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_quantize)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -21,9 +22,10 @@ from qz_core.tools.markdown import ms, notes, num, table
 from qz_core.tools.ort_tools import ORT_OWN
 
 
-def _header(rows: Sequence[BenchRow], tv: bool, own: bool, ov: bool) -> list[str]:
+def _header(rows: Sequence[BenchRow], tv: bool, own: bool, ov: bool, anchor: bool) -> list[str]:
     header = ["Model", "before (ms)", "after (ms)", "ratio", "ORT FP32 (ms)", "ORT INT8 (ms)"]
     header += ["OpenVINO FP32 (ms)", "OpenVINO INT8 (ms)", "OpenVINO INT8 layers"] if ov else []
+    header += ["NNCF INT8 (ms)", "qz / NNCF"] if anchor else []
     header += ["deployed ratio", "INT8 / fastest FP32"]
     header += ["target", "met"]
     header += ["torchvision INT8 (ms)"] if tv else []
@@ -31,11 +33,19 @@ def _header(rows: Sequence[BenchRow], tv: bool, own: bool, ov: bool) -> list[str
     return header + ["FP32 (MB)", "INT8 (MB)", "peak RSS (MB)"]
 
 
-def _cells(r: BenchRow, tv: bool, own: bool, ov: bool) -> list[str]:
+def _nncf_cell(r: BenchRow) -> str:
+    if "nncf_int8" in r.latency:
+        return ms(r.ms("nncf_int8"))
+    return "failed (see notes)" if "nncf_int8" in r.notes else "-"
+
+
+def _cells(r: BenchRow, tv: bool, own: bool, ov: bool, anchor: bool) -> list[str]:
     after = ms(r.ms("int8")) if "int8" in r.latency else ("error" if r.error else "-")
     cells = [r.model, ms(r.ms("fp32")), after, num(r.eager_ratio)]
     cells += [ms(r.ms("ort_fp32")), ms(r.ms("ort_int8"))]
     cells += [ms(r.ms("ov_fp32")), ms(r.ms("ov_int8")), r.ov_int8_precision or "-"] if ov else []
+    slower = r.nncf_ratio is not None and r.nncf_ratio > 1
+    cells += [_nncf_cell(r), num(r.nncf_ratio) + (" **!**" if slower else "")] if anchor else []
     cells += [num(r.deployed_ratio), num(r.int8_vs_fastest_fp32) + ("" if r.worth_deploying is not False else " **!**")]
     cells += [num(r.target), {True: "Y", False: "**N**", None: "-"}[r.meets_target]]
     cells += [ms(r.ms("tv_int8"))] if tv else []
@@ -56,7 +66,19 @@ def _preamble(rows: Sequence[BenchRow], meta: dict[str, Any]) -> list[str]:
     if meta.get("partial"):
         lines += [f"Partial: the run is still going or was stopped; {meta['partial']} model(s) so far.", ""]
     busy = _busy_warning(meta)
-    return lines + ([busy, ""] if busy else [])
+    return lines + ([busy, ""] if busy else []) + [targets_line(rows), ""]
+
+
+def targets_line(rows: Sequence[BenchRow]) -> str:
+    """The targets the table is read against: ``WORTH_DEPLOYING``, and each family's deployed-ratio target."""
+    by_target: dict[float, list[str]] = {}
+    for family, target in sorted({(r.family, r.target) for r in rows if r.target is not None}):
+        by_target.setdefault(target, []).append(family)
+    deployed = "; ".join(f"{', '.join(names)} {num(target)}" for target, names in sorted(by_target.items()))
+    return (
+        f"Targets: INT8 / fastest FP32 at most {num(WORTH_DEPLOYING)} for every model (above it: **!**); "
+        f"deployed ratio (set by each model's task package) at most {deployed or '-'}. A miss is **N**."
+    )
 
 
 def _openvino(meta: dict[str, Any]) -> str:
@@ -79,10 +101,13 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     tv = any("tv_int8" in r.latency for r in rows)
     own = any(k in r.latency for r in rows for k in ORT_OWN) or any(k in r.notes for r in rows for k in ORT_OWN)
     ov = any(k in r.latency or k in r.notes for r in rows for k in ("ov_fp32", "ov_int8"))
+    anchor = any("nncf_int8" in r.latency or "nncf_int8" in r.notes for r in rows)
     lines = _preamble(rows, meta) if meta else []
-    models = table(_header(rows, tv, own, ov), [_cells(r, tv, own, ov) for r in rows])
+    models = table(_header(rows, tv, own, ov, anchor), [_cells(r, tv, own, ov, anchor) for r in rows])
     if len({(r.task, r.family) for r in rows}) > 1:
         lines += ["By family (ratios: min / median / max):", "", bench_summary_markdown(rows), ""]
+    if anchor:
+        lines += [nncf_summary(rows), ""]
     if collapse:
         models = ["<details><summary>Every model</summary>", "", *models, "", "</details>"]
     lines += models
@@ -91,7 +116,25 @@ def bench_markdown(rows: Sequence[BenchRow], meta: dict[str, Any] | None = None,
     # "torchvision has no such model" is what the "-" in its column already says.
     extra = [(r.model, f"{k}: {v}") for r in rows for k, v in r.notes.items() if v != NO_TORCHVISION_MODEL]
     lines += notes("Notes:", extra)
+    lines += notes("Timed on a busy machine (other processes' cores while timing, 1-minute load before):", _busy(rows))
     return "\n".join(lines) + "\n"
+
+
+def nncf_summary(rows: Sequence[BenchRow]) -> str:
+    """One line: the geometric mean of qz / NNCF over the models both timed, and where qz is slower."""
+    ratios = {r.model: r.nncf_ratio for r in rows if r.nncf_ratio is not None}
+    if not ratios:
+        return "qz / NNCF: no model has both timed."
+    mean = math.exp(sum(math.log(v) for v in ratios.values()) / len(ratios))
+    slower = [f"{m} ({num(v)})" for m, v in ratios.items() if v > 1]
+    return (
+        f"qz / NNCF (qz's fastest INT8 over NNCF's INT8 in OpenVINO): geometric mean {num(mean)} over "
+        f"{len(ratios)} model(s); qz slower on: {', '.join(slower) or 'none'}."
+    )
+
+
+def _busy(rows: Sequence[BenchRow]) -> list[tuple[str, str]]:
+    return [(r.model, f"{num(r.other_cores)} other cores, load {num(r.load_average)}") for r in rows if r.busy]
 
 
 def _rounds(meta: dict[str, Any]) -> str:
@@ -178,45 +221,99 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def _save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
     plt = _pyplot()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
 
 
-def plot_ratios(rows: Sequence[BenchRow], path: str | os.PathLike) -> Path:
-    """A bar chart of the eager and deployed INT8/FP32 ratios per model, coloured by family, with targets."""
-    plt = _pyplot()
+# The ratio plot's size: a fixed width, and a height that grows with the models up to a bound.
+PLOT_WIDTH_IN = 10.0
+PLOT_MAX_HEIGHT_IN = 40.0
+PLOT_DPI = 100
+RATIO_AXIS_MAX = 1.5  # ratios past it are clipped, their value printed at the edge
 
-    rows = sorted((r for r in rows if r.eager_ratio is not None), key=lambda r: (r.task, r.family, r.model))
-    families = list(dict.fromkeys(r.family or "other" for r in rows))
-    palette = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
-    colors = {f: palette(i % palette.N) for i, f in enumerate(families)}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.5))
-    top = 2.0  # a few eager ratios far above 1 would flatten every other bar: clip them and print their value
-    for i, r in enumerate(rows):
-        color = colors[r.family or "other"]
-        ax.bar(i - 0.2, r.eager_ratio, 0.4, color=color)
-        if r.deployed_ratio is not None:
-            ax.bar(i + 0.2, r.deployed_ratio, 0.4, color=color, alpha=0.45, hatch="//", edgecolor="black")
-        ax.hlines(r.target, i - 0.45, i + 0.45, colors="red", linewidth=1.5)
-        for dx, ratio in ((-0.2, r.eager_ratio), (0.2, r.deployed_ratio)):
-            if ratio is not None and ratio > top:
-                ax.annotate(f"{ratio:.1f}", (i + dx, top), ha="center", va="top", fontsize=7, rotation=90)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_ylim(0, top)
-    ax.set_xticks(range(len(rows)), [r.model for r in rows], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("INT8 / FP32 latency")
-    ax.set_title(
-        "INT8 / FP32 latency\nsolid: eager PyTorch; hatched: deployed = fastest INT8 (eager, ORT, OpenVINO); "
-        "red: target",
-        fontsize=10,
+
+def _by_task(rows: Sequence[BenchRow]) -> dict[str, list[BenchRow]]:
+    measured = sorted((r for r in rows if r.deployed_ratio is not None), key=lambda r: (r.task, r.family, r.model))
+    tasks: dict[str, list[BenchRow]] = {}
+    for r in measured:
+        tasks.setdefault(r.task or "-", []).append(r)
+    return tasks
+
+
+def _bar(ax: Any, y: float, ratio: float | None, color: str) -> None:
+    if ratio is None:
+        return
+    ax.barh(y, min(ratio, RATIO_AXIS_MAX), 0.4, color=color)
+    if ratio > RATIO_AXIS_MAX:
+        ax.annotate(f"{ratio:.1f}", (RATIO_AXIS_MAX, y), ha="right", va="center", fontsize=6, color="white")
+
+
+def _ratio_panel(ax: Any, task: str, members: list[BenchRow]) -> None:
+    """One task's models as horizontal bar pairs, grouped by family, with their targets."""
+    ticks, labels, y = [], [], 0.0
+    families: dict[str, list[BenchRow]] = {}
+    for r in members:
+        families.setdefault(r.family or "-", []).append(r)
+    for family, group in families.items():
+        first = y
+        for r in group:
+            _bar(ax, y - 0.2, r.deployed_ratio, "tab:blue")
+            _bar(ax, y + 0.2, r.int8_vs_fastest_fp32, "tab:orange")
+            ax.vlines(r.target, y - 0.45, y + 0.05, colors="red", linewidth=2)
+            missed = r.meets_target is False or r.worth_deploying is False
+            ticks.append(y)
+            labels.append(r.model + (" (miss)" if missed else ""))
+            y += 1
+        middle = (first + y - 1) / 2
+        ax.text(1.01, middle, family, transform=ax.get_yaxis_transform(), ha="left", va="center", fontsize=8)
+        ax.axhline(y - 0.25, color="grey", linewidth=0.5)
+        y += 0.5
+    ax.axvline(WORTH_DEPLOYING, color="tab:orange", linestyle="--", linewidth=1)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_ylim(y - 0.5, -0.75)
+    ax.set_xlim(0, RATIO_AXIS_MAX)
+    ax.set_title(task, fontsize=10, loc="left")
+
+
+def ratio_figure(rows: Sequence[BenchRow]) -> Any:
+    """The INT8/FP32 ratio figure: one panel per task, one bar pair per model grouped by family.
+
+    Blue: fastest INT8 / FP32 eager (the deployed ratio), with the model's target as a red tick;
+    orange: fastest INT8 / fastest FP32 runtime, with ``WORTH_DEPLOYING`` dashed. Width is fixed,
+    height grows with the models up to ``PLOT_MAX_HEIGHT_IN``.
+    """
+    plt = _pyplot()
+    tasks = _by_task(rows) or {"no measured model": []}
+    models = sum(len(m) for m in tasks.values())
+    height = min(PLOT_MAX_HEIGHT_IN, 1.0 + 0.9 * len(tasks) + 0.3 * models)
+    ratios = [max(len(m), 1) + 1.5 for m in tasks.values()]
+    fig, axes = plt.subplots(
+        len(tasks),
+        1,
+        figsize=(PLOT_WIDTH_IN, height),
+        squeeze=False,
+        gridspec_kw={"height_ratios": ratios},
+        layout="constrained",
     )
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[f]) for f in families]
-    ax.legend(handles, families, title="family", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save_figure(fig, Path(path))
+    for ax, (task, members) in zip(axes[:, 0], tasks.items(), strict=True):
+        _ratio_panel(ax, task, members)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
+    handles += [plt.Line2D([], [], color="red", linewidth=2), plt.Line2D([], [], color="tab:orange", linestyle="--")]
+    labels = ["fastest INT8 / FP32 eager", "fastest INT8 / fastest FP32", "family target", "worth-deploying bound"]
+    axes[-1, 0].set_xlabel("INT8 / FP32 latency (below 1: INT8 is faster)")
+    fig.legend(handles, labels, fontsize=7, ncol=4, loc="outside lower center")
+    return fig
+
+
+def plot_ratios(rows: Sequence[BenchRow], path: str | os.PathLike) -> Path:
+    """Writes ``ratio_figure`` of the rows as a PNG (atomically); returns the path."""
+    _save_figure(ratio_figure(rows), Path(path), dpi=PLOT_DPI)
     return Path(path)
 
 

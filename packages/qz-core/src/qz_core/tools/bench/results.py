@@ -27,12 +27,16 @@ RUNNERS = {
     "ort_u8s8_qop": "ORT own U8S8 QOperator",
     "ov_fp32": "OpenVINO FP32",
     "ov_int8": "OpenVINO INT8",
+    "nncf_int8": "NNCF INT8 (OpenVINO)",
 }
 # The INT8 deployments the deployed ratio takes the fastest of (the runtimes only where they ran the whole model).
 INT8_RUNTIMES = ("ort_int8", "ov_int8")
 FP32_RUNTIMES = ("ort_fp32", "ov_fp32")
 # An INT8 model above this share of the fastest FP32 runtime's latency is not worth deploying.
 WORTH_DEPLOYING = 0.7
+# A row is busy when other processes kept more than this many cores busy, on average, while it was timed
+# (or, where that cannot be read, when the 1-minute load average exceeded the bench's threads by as much).
+BUSY_OTHER_CORES = 0.5
 
 NO_TORCHVISION_MODEL = "torchvision has no quantizable model of this name"
 
@@ -43,6 +47,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def is_busy(load_average: float | None, other_cores: float | None, threads: int) -> bool:
+    """Whether other work competed with a model's timing (see ``BUSY_OTHER_CORES``)."""
+    if other_cores is not None:
+        return other_cores > BUSY_OTHER_CORES
+    return load_average is not None and load_average > threads + BUSY_OTHER_CORES
+
+
 @dataclass
 class BenchRow:
     """One model's measurements; ``error`` is set when it could not be quantized or timed.
@@ -50,7 +61,9 @@ class BenchRow:
     ``ort_partial`` is True when the ONNX runtimes (onnxruntime, OpenVINO) ran the task's export
     module (a detector's dense network) rather than the whole model: their times then stay out of
     the deployed ratio. ``ov_int8_precision`` says what OpenVINO's INT8 compute layers run in
-    (``"u8 53, f32 1"``): integers in a real INT8 graph.
+    (``"u8 53, f32 1"``): integers in a real INT8 graph; ``nncf_int8_precision`` the same of NNCF's model.
+    ``load_average`` (1-minute, before timing) and ``other_cores`` (cores other processes kept busy
+    while timing) say whether the machine was quiet; ``busy`` is the verdict of ``is_busy``.
     """
 
     model: str
@@ -74,6 +87,10 @@ class BenchRow:
     hotspots: dict[str, str] = field(default_factory=dict)
     ort_partial: bool = False
     ov_int8_precision: str | None = None
+    nncf_int8_precision: str | None = None
+    load_average: float | None = None
+    other_cores: float | None = None
+    busy: bool = False
 
     def ms(self, key: str) -> float | None:
         """Median latency of runner ``key`` (see ``RUNNERS``) in ms, None if not timed."""
@@ -127,6 +144,19 @@ class BenchRow:
     def ov_ratio(self) -> float | None:
         """OpenVINO INT8 / OpenVINO FP32."""
         return _ratio(self.ms("ov_int8"), self.ms("ov_fp32"))
+
+    @property
+    def qz_int8_ms(self) -> float | None:
+        """qz's fastest INT8 of the same work NNCF's model does (the ONNX runtimes only, where they ran part of it)."""
+        if not self.ort_partial:
+            return self._fastest("int8", INT8_RUNTIMES)
+        times = [t for t in map(self.ms, INT8_RUNTIMES) if t is not None]
+        return min(times) if times else None
+
+    @property
+    def nncf_ratio(self) -> float | None:
+        """qz's fastest INT8 / NNCF's INT8 in OpenVINO (above 1 means qz is slower)."""
+        return _ratio(self.qz_int8_ms, self.ms("nncf_int8"))
 
     @property
     def torchvision_ratio(self) -> float | None:
@@ -190,6 +220,9 @@ class BenchRow:
             "ort_partial": self.ort_partial,
             "ov_ratio": self.ov_ratio,
             "ov_int8_precision": self.ov_int8_precision,
+            "nncf_int8_precision": self.nncf_int8_precision,
+            "qz_int8_ms": self.qz_int8_ms,
+            "nncf_ratio": self.nncf_ratio,
             "torchvision_ratio": self.torchvision_ratio,
             "ort_u8s8_ms": self.ms(self.ort_u8s8_key) if self.ort_u8s8_key else None,
             "ort_u8s8_format": self.ort_u8s8_format,
@@ -201,6 +234,9 @@ class BenchRow:
             "float_islands": self.float_islands,
             "rounds": max((lat.runs for lat in self.latency.values()), default=0),
             "seconds": self.seconds,
+            "load_average": self.load_average,
+            "other_cores": self.other_cores,
+            "busy": self.busy,
             "error": self.error,
             "notes": "; ".join(f"{k}: {v}" for k, v in self.notes.items()),
             "hotspots": "; ".join(f"{k}: {v}" for k, v in self.hotspots.items()),
@@ -248,6 +284,10 @@ def _row_from_record(rec: dict[str, Any]) -> BenchRow:
         hotspots=_as_map(rec.get("hotspots")),
         ort_partial=bool(rec.get("ort_partial", False)),
         ov_int8_precision=rec.get("ov_int8_precision") or None,
+        nncf_int8_precision=rec.get("nncf_int8_precision") or None,
+        load_average=rec.get("load_average"),
+        other_cores=rec.get("other_cores"),
+        busy=rec.get("busy") in (True, "True"),
     )
     for key in _SIZES:
         setattr(row, key, rec.get(key))

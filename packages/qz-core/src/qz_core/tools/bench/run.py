@@ -7,7 +7,10 @@ one of the same name exists) interleaved, round by round, so machine drift hits 
 ``ort_quantize`` it also quantizes the FP32 ONNX file with onnxruntime's own ``quantize_static``
 (``ORT_OWN``) and times those files in the same rounds. With ``openvino`` it also compiles the same FP32
 and INT8 ONNX files with OpenVINO (each checked in a child process first, so a crash is the row's note)
-and times them in the same rounds.
+and times them in the same rounds. With the ``nncf`` anchor it also quantizes the same float model (the
+task's export module) with NNCF on the same calibration batches and times NNCF's model in OpenVINO in the
+same rounds. Around each model's timing it reads the load average and how many cores other processes
+kept busy, so that rows timed on a busy machine are flagged (``BenchRow.busy``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import resource
 import sys
 import tempfile
@@ -34,7 +38,8 @@ from qz_core.files import write_atomic
 from qz_core.measure import compare_latency, eager_op_profile, model_size_mb, timing_state
 from qz_core.partial import count_float_islands
 from qz_core.registry import get_model_builder, get_model_spec, get_task
-from qz_core.tools.bench.results import NO_TORCHVISION_MODEL, BenchRow
+from qz_core.tools.bench.anchors import check_anchors, nncf_openvino_ir
+from qz_core.tools.bench.results import NO_TORCHVISION_MODEL, BenchRow, is_busy
 from qz_core.tools.common import describe_error
 from qz_core.tools.ort_tools import describe_profile, ort_op_profile, ort_own_runners, ort_runner, ort_session
 from qz_core.workflow import calibrate, convert
@@ -68,6 +73,39 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A moment's CPU counters: wall clock, the machine's busy CPU seconds (all cores), this process's CPU seconds."""
+
+    wall_s: float
+    machine_busy_s: float
+    own_s: float
+
+
+def cpu_sample() -> CpuSample | None:
+    """The CPU counters now, from ``/proc/stat`` (None where there is none)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle and iowait; steal (fields[7]) is another guest's work: busy
+    busy_s = (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+    return CpuSample(time.monotonic(), busy_s, time.process_time())
+
+
+def other_cores(before: CpuSample | None, after: CpuSample | None) -> float | None:
+    """How many cores other processes kept busy on average between two samples (None without both)."""
+    if before is None or after is None or after.wall_s <= before.wall_s:
+        return None
+    others = (after.machine_busy_s - before.machine_busy_s) - (after.own_s - before.own_s)
+    return max(others, 0.0) / (after.wall_s - before.wall_s)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def torchvision_quantizable() -> list[str]:
@@ -122,6 +160,7 @@ class _Settings:
     ort: bool
     ort_quantize: bool
     openvino: bool
+    anchors: tuple[str, ...]
     compare_torchvision: bool
     calib_batches: int
     input_size: tuple[int, int] | None
@@ -235,6 +274,32 @@ def _ov_runners(run: _Run, paths: dict[str, Path]) -> None:
                 run.row.ov_int8_precision = describe_precisions(precision_counts(compiled))
 
 
+def _nncf_runner(run: _Run, export_module: Callable[[nn.Module], nn.Module]) -> None:
+    """NNCF's INT8 of the float export module, on the same calibration batches, compiled in OpenVINO."""
+    from qz_core.openvino_runtime import describe_precisions, ov_checked_compile, ov_runner, precision_counts
+
+    def compile_nncf() -> Any:
+        xml = run.work / f"{run.name}_nncf.xml"
+        nncf_openvino_ir(export_module(run.float_model), run.calibration, run.x, xml)
+        return ov_checked_compile(xml, run.settings.threads)
+
+    compiled = run.note("nncf_int8", compile_nncf)
+    if compiled is not None:
+        run.runners["nncf_int8"] = ov_runner(compiled, run.x)
+        run.row.nncf_int8_precision = describe_precisions(precision_counts(compiled))
+
+
+def _timed(run: _Run) -> None:
+    """Times the runners interleaved, and whether other work ran meanwhile."""
+    s, row = run.settings, run.row
+    set_backend(row.backend)
+    row.load_average, before = load_average(), cpu_sample()
+    timed = compare_latency(run.runners, warmup=s.warmup, rounds=s.rounds, threads=s.threads, budget_s=s.budget_s)
+    row.other_cores = other_cores(before, cpu_sample())
+    row.busy = is_busy(row.load_average, row.other_cores, s.threads)
+    row.latency.update(timed)
+
+
 def _torchvision_runner(run: _Run) -> None:
     """torchvision's own INT8 model of the same name and weights, where torchvision has one."""
     if run.name not in torchvision_quantizable():
@@ -274,17 +339,18 @@ def _bench_one(run: _Run) -> None:
             _ort_runners(run, paths)
         if run.settings.openvino:
             _ov_runners(run, paths)
+    if "nncf" in run.settings.anchors and run.float_model is not None:
+        _nncf_runner(run, task.export_module)
     if run.settings.compare_torchvision:
         _torchvision_runner(run)
-    s = run.settings
-    set_backend(run.row.backend)
-    timed = compare_latency(run.runners, warmup=s.warmup, rounds=s.rounds, threads=s.threads, budget_s=s.budget_s)
-    run.row.latency.update(timed)
+    _timed(run)
     if run.row.meets_target is False:
         _profile_miss(run, int8)
 
 
-def _check(batch_size: int, threads: int, rounds: int, ort: bool, ort_quantize: bool, openvino: bool) -> None:
+def _check(
+    batch_size: int, threads: int, rounds: int, ort: bool, ort_quantize: bool, openvino: bool, anchors: Sequence[str]
+) -> None:
     for label, value in (("batch_size", batch_size), ("threads", threads), ("rounds", rounds)):
         if value < 1:
             raise QzError(f"{label} must be at least 1; got {value}.")
@@ -294,6 +360,7 @@ def _check(batch_size: int, threads: int, rounds: int, ort: bool, ort_quantize: 
         from qz_core.openvino_runtime import import_openvino
 
         import_openvino()
+    check_anchors(anchors)
 
 
 def _measure(name: str, settings: _Settings, backend: str) -> BenchRow:
@@ -304,7 +371,8 @@ def _measure(name: str, settings: _Settings, backend: str) -> BenchRow:
         row.start_rss_mb = peak_rss_mb()  # right after a reset the peak is the current size
     try:
         spec = get_model_spec(name)
-        row.task, row.family, row.target = spec.task, spec.family, float(spec.deployed_ratio_target)
+        row.task, row.family = spec.task, spec.family
+        row.target = float(spec.deployed_ratio_target)
         row.input_size = tuple(settings.input_size or spec.input_size)
         with tempfile.TemporaryDirectory(prefix="qz-bench-") as work, torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -328,6 +396,7 @@ def run_benchmark(
     ort: bool = True,
     ort_quantize: bool = False,
     openvino: bool = False,
+    anchors: Sequence[str] = (),
     compare_torchvision: bool = False,
     calib_batches: int = 4,
     input_size: tuple[int, int] | None = None,
@@ -353,6 +422,9 @@ def run_benchmark(
             calibration batches, and time those files too (needs ``ort``).
         openvino: also compile the FP32 and INT8 ONNX files with OpenVINO (CPU, ``threads`` threads,
             latency hint) and time them; a model OpenVINO crashes or fails on gets a note, not an error.
+        anchors: other quantizers to time beside qz (``ANCHORS``): "nncf" quantizes the float export module
+            with NNCF on the same calibration batches and times it in OpenVINO (and turns ``openvino`` on,
+            so qz's INT8 runs there too); a model NNCF fails on gets a note under "nncf_int8".
         compare_torchvision: also time torchvision's own INT8 model of the same name where one exists.
         calib_batches: random calibration batches (of 2 inputs).
         input_size: (height, width) instead of each model's standard input size.
@@ -362,9 +434,12 @@ def run_benchmark(
         on_row: called with the rows so far after each model (to save results as they come).
 
     Raises:
-        QzError: a count below 1, ``ort_quantize`` without ``ort``, or ``openvino`` without OpenVINO installed.
+        QzError: a count below 1, ``ort_quantize`` without ``ort``, ``openvino`` without OpenVINO installed,
+            or an unknown anchor or one not installed.
     """
-    _check(batch_size, threads, rounds, ort, ort_quantize, openvino)
+    anchors = tuple(dict.fromkeys(anchors))
+    openvino = openvino or "nncf" in anchors
+    _check(batch_size, threads, rounds, ort, ort_quantize, openvino, anchors)
     backend = resolve_backend(backend)
     with timing_state(threads):
         settings = _Settings(
@@ -376,6 +451,7 @@ def run_benchmark(
             ort,
             ort_quantize,
             openvino,
+            anchors,
             compare_torchvision,
             calib_batches,
             input_size,
