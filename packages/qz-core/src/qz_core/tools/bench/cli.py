@@ -16,7 +16,7 @@ from typing import Any
 
 from qz_core.backend import resolve_backend, supported_backends
 from qz_core.errors import QzError
-from qz_core.tools import cli as shared
+from qz_core.tools import cli_common as shared
 from qz_core.tools.bench.anchors import ANCHORS, check_anchors
 from qz_core.tools.readme import BENCH_BLOCK
 
@@ -130,16 +130,16 @@ def _publish(rows: list[Any], args: argparse.Namespace, meta: dict[str, Any]) ->
 
     paths = write_bench_outputs(rows, args.out, meta)
     print(bench_markdown(rows, meta))
-    shared._print_written(paths)
+    shared.print_written(paths)
     if args.readme:
         check_publishable(rows, args.allow_busy, str(paths["json"]))
-    shared._update_readme(args.readme, BENCH_BLOCK, bench_markdown(rows, meta, collapse=True))
+    shared.update_readme(args.readme, BENCH_BLOCK, bench_markdown(rows, meta, collapse=True))
 
 
 def _check_run(args: argparse.Namespace) -> None:
     """Checks the timing options before any work."""
-    shared._at_least(args, 1, "batch_size", "threads", "rounds", "calib_batches")
-    shared._at_least(args, 0, "warmup")
+    shared.at_least(args, 1, "batch_size", "threads", "rounds", "calib_batches")
+    shared.at_least(args, 0, "warmup")
     if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
         raise QzError(f"--budget must be a positive number of seconds; got {args.budget}.")
     if args.ort_quantize and not args.ort:
@@ -156,11 +156,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qz_core.tools.bench import read_bench_json, write_bench_outputs
     from qz_core.tools.common import select_models
 
-    shared._check_outputs(args, BENCH_BLOCK)
+    shared.check_outputs(args, BENCH_BLOCK)
     if args.retime_busy and not args.from_json:
         raise QzError("--retime-busy re-times the busy rows of saved results: give them with --from JSON.")
     if args.from_json:
-        rows, meta = shared._merge_results(args.from_json, read_bench_json)
+        rows, meta = shared.merge_results(args.from_json, read_bench_json)
         if args.retime_busy:
             rows, meta = retime_busy(rows, meta, args.out)
         _publish(rows, args, meta)
@@ -229,7 +229,7 @@ def add_bench_command(sub: argparse._SubParsersAction, tasks: Sequence[str]) -> 
         description="Quantizes each model (random or given weights) and times FP32/INT8 eager and "
         "onnxruntime interleaved in one process. Run it on a quiet machine.",
     )
-    shared._selection(p, tasks)
+    shared.selection(p, tasks)
     p.add_argument("--batch-size", type=int, default=1, help="inputs per timed call (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of PyTorch and onnxruntime (default: 1)")
     p.add_argument("--rounds", type=int, default=20, help="timed interleaved rounds (default: 20)")
@@ -240,7 +240,7 @@ def add_bench_command(sub: argparse._SubParsersAction, tasks: Sequence[str]) -> 
         "--backend", choices=supported_backends(), default=None, help="quantized engine (default: the platform's)"
     )
     p.add_argument("--calib-batches", type=int, default=4, help="random calibration batches of 2 inputs (default: 4)")
-    p.add_argument("--input-size", type=shared._input_size, default=None, help="H or HxW instead of each model's own")
+    p.add_argument("--input-size", type=shared.input_size, default=None, help="H or HxW instead of each model's own")
     p.add_argument(
         "--budget",
         type=float,
@@ -248,6 +248,6 @@ def add_bench_command(sub: argparse._SubParsersAction, tasks: Sequence[str]) -> 
         metavar="SECONDS",
         help="timing seconds per model: slower models get fewer rounds (at least 5); default: always --rounds",
     )
-    shared._outputs(p, "bench-results", BENCH_BLOCK)
+    shared.outputs(p, "bench-results", BENCH_BLOCK)
     _publishing_options(p)
     p.set_defaults(func=cmd_bench)
