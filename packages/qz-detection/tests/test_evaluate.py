@@ -242,7 +242,7 @@ def test_bad_folders_files_and_models_are_clear_errors(coco, tmp_path, capsys):
         evaluate_detector(TV_STUB, data=coco, progress=False)
     with pytest.raises(QzError, match="detection model; 'resnet18' is a classification model"):
         evaluate_detector("resnet18", data=coco, progress=False)
-    with pytest.raises(QzError, match=r"Invalid model name 'yolov5q'\. Did you mean .*'yolov5nu'"):
+    with pytest.raises(QzError, match=r"Invalid model name 'yolov5q'\. Did you mean .*'yolov5n'"):
         evaluate_detector("yolov5q", data=coco, progress=False)
     from qz_core.cli import main
 

@@ -107,22 +107,13 @@ class ClassificationEval(Fp32Int8Result):
     backend: str | None = None
     calibration: str | None = None
 
-    def table(self) -> str:
-        """The result as a text table: one row per precision, deltas against FP32."""
+    COLUMNS = (("top-1", "top1", ".2f"), ("top-5", "top5", ".2f"))
+    DELTAS = (("top-1 delta", "top1", ".2f"), ("top-5 delta", "top5", ".2f"))
+
+    def heading(self) -> list[str]:
+        """What was evaluated, on what."""
         head = f"{self.model} ({self.weights or 'random weights'}) on {self.data}"
-        lines = [head, f"{self.images} images, labels: {self.labels}, {self.num_classes} model classes"]
-        if self.calibration:
-            lines.append(f"calibration: {self.calibration}")
-        header = f"{'model':<18}{'top-1':>8}{'top-5':>8}{'top-1 delta':>13}{'top-5 delta':>13}{'img/s':>9}"
-        lines += ["", header, "-" * len(header)]
-        rows = [("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}".strip(), self.int8)]
-        for name, acc in rows:
-            if acc is None:
-                continue
-            delta = self.delta if acc is self.int8 else None
-            d1, d5 = (f"{delta['top1']:+.2f}", f"{delta['top5']:+.2f}") if delta else ("-", "-")
-            lines.append(f"{name:<18}{acc.top1:>8.2f}{acc.top5:>8.2f}{d1:>13}{d5:>13}{acc.images_per_second:>9.1f}")
-        return "\n".join(lines)
+        return [head, f"{self.images} images, labels: {self.labels}, {self.num_classes} model classes"]
 
 
 def _timed_accuracy(model: nn.Module, data: DataLoader, desc: str, progress: bool) -> Accuracy:

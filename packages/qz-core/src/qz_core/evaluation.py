@@ -68,14 +68,43 @@ class TimedScores:
 
 
 class Fp32Int8Result:
-    """Mixin for a dataclass holding ``fp32`` and ``int8`` scores: INT8 - FP32 per metric, and JSON.
+    """Mixin for a dataclass holding ``fp32`` and ``int8`` scores: INT8 - FP32 per metric, a table, and JSON.
 
-    The subclass names its metrics (attributes of its scores) in ``METRICS``.
+    The subclass names its metrics (attributes of its scores) in ``METRICS``, the table's columns in
+    ``COLUMNS`` (title, score attribute, format), the metrics whose INT8 - FP32 delta the table shows in
+    ``DELTAS`` (title, metric, format), and the lines above the table in ``heading``.
     """
 
     METRICS: ClassVar[tuple[str, ...]] = ()
+    COLUMNS: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+    DELTAS: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     fp32: Any
     int8: Any
+    int8_source: str | None
+    backend: str | None
+    calibration: str | None
+
+    def heading(self) -> list[str]:
+        """What was evaluated, on what (the lines above the table)."""
+        return []
+
+    def table(self) -> str:
+        """The result as a text table: one row per precision, INT8 - FP32 deltas, images per second."""
+        columns = [*self.COLUMNS, *((t, "", f) for t, _, f in self.DELTAS), ("img/s", "images_per_second", ".2f")]
+        widths = [max(8, len(title) + 2) for title, _, _ in columns]
+        lines = self.heading() + ([f"calibration: {self.calibration}"] if self.calibration else [])
+        header = f"{'model':<18}" + "".join(f"{title:>{w}}" for (title, _, _), w in zip(columns, widths, strict=True))
+        lines += ["", header, "-" * len(header)]
+        int8_name = f"INT8 {self.int8_source or ''} {self.backend or ''}".strip()
+        for name, scores in (("FP32", self.fp32), (int8_name, self.int8)):
+            if scores is None:
+                continue
+            delta = self.delta if scores is self.int8 else None
+            cells = [format(getattr(scores, attr), fmt) for _, attr, fmt in self.COLUMNS]
+            cells += [format(delta[metric], "+" + fmt) if delta else "-" for _, metric, fmt in self.DELTAS]
+            cells.append(format(scores.images_per_second, ".2f"))
+            lines.append(f"{name:<18}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells, widths, strict=True)))
+        return "\n".join(lines)
 
     @property
     def delta(self) -> dict[str, float] | None:

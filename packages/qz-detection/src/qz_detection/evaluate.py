@@ -218,27 +218,15 @@ class DetectionEval(Fp32Int8Result):
     backend: str | None = None
     calibration: str | None = None
 
-    def table(self) -> str:
-        """The result as a text table: one row per precision, INT8 - FP32 deltas."""
-        lines = [
+    COLUMNS = (("mAP", "map", ".3f"), ("mAP50", "map50", ".3f"), ("AR100", "ar100", ".3f"), ("dets", "detections", "d"))
+    DELTAS = (("mAP delta", "map", ".3f"), ("mAP50 delta", "map50", ".3f"))
+
+    def heading(self) -> list[str]:
+        """What was evaluated, on what."""
+        return [
             f"{self.model} ({self.weights or 'random weights'}) on {self.images_dir}",
             f"{self.images} images, annotations {self.annotations}, labels mapped: {self.label_map}",
         ]
-        if self.calibration:
-            lines.append(f"calibration: {self.calibration}")
-        header = f"{'model':<18}{'mAP':>7}{'mAP50':>7}{'AR100':>7}{'mAP delta':>11}{'mAP50 delta':>13}"
-        header += f"{'dets':>8}{'img/s':>8}"
-        lines += ["", header, "-" * len(header)]
-        for name, scores in (("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}", self.int8)):
-            if scores is None:
-                continue
-            delta = self.delta if scores is self.int8 else None
-            d_map, d_map50 = (f"{delta['map']:+.3f}", f"{delta['map50']:+.3f}") if delta else ("-", "-")
-            lines.append(
-                f"{name.strip():<18}{scores.map:>7.3f}{scores.map50:>7.3f}{scores.ar100:>7.3f}{d_map:>11}{d_map50:>13}"
-                f"{scores.detections:>8}{scores.images_per_second:>8.2f}"
-            )
-        return "\n".join(lines)
 
 
 def _first(batch: list[Any]) -> Any:

@@ -136,26 +136,15 @@ class SegmentationEval(Fp32Int8Result):
     backend: str | None = None
     calibration: str | None = None
 
-    def table(self) -> str:
-        """The result as a text table: one row per precision, deltas against FP32."""
-        lines = [
+    COLUMNS = (("mIoU", "miou", ".2f"), ("pixel acc", "pixel_acc", ".2f"))
+    DELTAS = (("mIoU delta", "miou", ".2f"), ("acc delta", "pixel_acc", ".2f"))
+
+    def heading(self) -> list[str]:
+        """What was evaluated, on what."""
+        return [
             f"{self.model} ({self.weights or 'random weights'}) on {self.data}, split {self.split!r}",
             f"{self.images} images, {self.num_classes} classes, pixels marked {IGNORE_INDEX} ignored",
         ]
-        if self.calibration:
-            lines.append(f"calibration: {self.calibration}")
-        header = f"{'model':<18}{'mIoU':>8}{'pixel acc':>11}{'mIoU delta':>12}{'acc delta':>11}{'img/s':>9}"
-        lines += ["", header, "-" * len(header)]
-        for name, scores in (("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}", self.int8)):
-            if scores is None:
-                continue
-            delta = self.delta if scores is self.int8 else None
-            d_miou, d_acc = (f"{delta['miou']:+.2f}", f"{delta['pixel_acc']:+.2f}") if delta else ("-", "-")
-            lines.append(
-                f"{name.strip():<18}{scores.miou:>8.2f}{scores.pixel_acc:>11.2f}{d_miou:>12}{d_acc:>11}"
-                f"{scores.images_per_second:>9.2f}"
-            )
-        return "\n".join(lines)
 
 
 def _timed_scores(
@@ -319,27 +308,20 @@ class InstanceEval(Fp32Int8Result):
     backend: str | None = None
     calibration: str | None = None
 
-    def table(self) -> str:
-        """The result as a text table: one row per precision, INT8 - FP32 mAP deltas."""
-        lines = [
+    COLUMNS = (
+        ("box mAP", "box_map", ".3f"),
+        ("mask mAP", "mask_map", ".3f"),
+        ("mask mAP50", "mask_map50", ".3f"),
+        ("dets", "detections", "d"),
+    )
+    DELTAS = (("box delta", "box_map", ".3f"), ("mask delta", "mask_map", ".3f"))
+
+    def heading(self) -> list[str]:
+        """What was evaluated, on what."""
+        return [
             f"{self.model} ({self.weights or 'random weights'}) on {self.images_dir}",
             f"{self.images} images, annotations {self.annotations}, labels mapped: {self.label_map}",
         ]
-        if self.calibration:
-            lines.append(f"calibration: {self.calibration}")
-        header = f"{'model':<18}{'box mAP':>9}{'mask mAP':>10}{'mask mAP50':>12}{'box delta':>11}{'mask delta':>12}"
-        header += f"{'dets':>7}{'img/s':>8}"
-        lines += ["", header, "-" * len(header)]
-        for name, scores in (("FP32", self.fp32), (f"INT8 {self.int8_source or ''} {self.backend or ''}", self.int8)):
-            if scores is None:
-                continue
-            delta = self.delta if scores is self.int8 else None
-            d_box, d_mask = (f"{delta['box_map']:+.3f}", f"{delta['mask_map']:+.3f}") if delta else ("-", "-")
-            lines.append(
-                f"{name.strip():<18}{scores.box_map:>9.3f}{scores.mask_map:>10.3f}{scores.mask_map50:>12.3f}"
-                f"{d_box:>11}{d_mask:>12}{scores.detections:>7}{scores.images_per_second:>8.2f}"
-            )
-        return "\n".join(lines)
 
 
 @torch.inference_mode()
