@@ -10,6 +10,7 @@ roi_align kernel covers a single level only. Its output is quantized again for t
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ __all__ = [
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2",
+    "resnet50_fpn_v1_maker",
+    "resnet50_fpn_v2_maker",
 ]
 
 
@@ -128,49 +131,67 @@ class QuantizableFasterRCNN(QuantizableDetectorMixin, FasterRCNN):
         return out | {"class_logits": scores, "box_regression": box_deltas}
 
 
-def _resnet50_v1(
-    *,
-    weights: WeightsArg,
-    weights_backbone: WeightsArg,
-    trainable_backbone_layers: int | None,
-    progress: bool,
-    **kw: Any,
-) -> QuantizableFasterRCNN:
-    backbone = resnet50_fpn(
-        weights=weights,
-        weights_backbone=weights_backbone,
-        trainable_layers=trainable_backbone_layers,
-        progress=progress,
-    )
-    model = QuantizableFasterRCNN(backbone, **{"num_classes": 91, **kw})
-    source = resolve_weights(weights, tv.FasterRCNN_ResNet50_FPN_Weights)
-    if source is not None and source.enum_member is tv.FasterRCNN_ResNet50_FPN_Weights.COCO_V1:
-        overwrite_eps(model, 0.0)  # as torchvision does for these weights
-    return model
+def resnet50_fpn_v1_maker(model_class: type[FasterRCNN], weights_enum: Any) -> Callable[..., FasterRCNN]:
+    """A builder of ``model_class`` on torchvision's R50-FPN v1 backbone (FrozenBatchNorm, eps 0 for COCO_V1)."""
+
+    def make(
+        *,
+        weights: WeightsArg,
+        weights_backbone: WeightsArg,
+        trainable_backbone_layers: int | None,
+        progress: bool,
+        **kw: Any,
+    ) -> FasterRCNN:
+        backbone = resnet50_fpn(
+            weights=weights,
+            weights_backbone=weights_backbone,
+            trainable_layers=trainable_backbone_layers,
+            progress=progress,
+        )
+        model = model_class(backbone, **{"num_classes": 91, **kw})
+        source = resolve_weights(weights, weights_enum)
+        if source is not None and source.enum_member is weights_enum.COCO_V1:
+            overwrite_eps(model, 0.0)  # as torchvision does for these weights
+        return model
+
+    return make
 
 
-def _resnet50_v2(
-    *,
-    weights: WeightsArg,
-    weights_backbone: WeightsArg,
-    trainable_backbone_layers: int | None,
-    progress: bool,
-    **kw: Any,
-) -> QuantizableFasterRCNN:
-    backbone = resnet50_fpn(
-        weights=weights,
-        weights_backbone=weights_backbone,
-        trainable_layers=trainable_backbone_layers,
-        progress=progress,
-        norm_layer=nn.BatchNorm2d,
-        fpn_norm_layer=nn.BatchNorm2d,
-    )
-    anchors = tv._default_anchorgen()
-    rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
-    box_head = tv.FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024], nn.BatchNorm2d)
-    return QuantizableFasterRCNN(
-        backbone, **{"num_classes": 91, **kw}, rpn_anchor_generator=anchors, rpn_head=rpn_head, box_head=box_head
-    )
+def resnet50_fpn_v2_maker(
+    model_class: type[FasterRCNN], extra_heads: Callable[[int], dict[str, nn.Module]] = dict
+) -> Callable[..., FasterRCNN]:
+    """A builder of ``model_class`` as torchvision's v2 (BatchNorm backbone and FPN, conv RPN and box heads).
+
+    Args:
+        extra_heads: the further heads of ``model_class`` (e.g. Mask R-CNN's mask head) given the FPN's channels.
+    """
+
+    def make(
+        *,
+        weights: WeightsArg,
+        weights_backbone: WeightsArg,
+        trainable_backbone_layers: int | None,
+        progress: bool,
+        **kw: Any,
+    ) -> FasterRCNN:
+        backbone = resnet50_fpn(
+            weights=weights,
+            weights_backbone=weights_backbone,
+            trainable_layers=trainable_backbone_layers,
+            progress=progress,
+            norm_layer=nn.BatchNorm2d,
+            fpn_norm_layer=nn.BatchNorm2d,
+        )
+        channels = backbone.out_channels
+        anchors = tv._default_anchorgen()
+        heads = {
+            "rpn_anchor_generator": anchors,
+            "rpn_head": RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+            "box_head": tv.FastRCNNConvFCHead((channels, 7, 7), [256, 256, 256, 256], [1024], nn.BatchNorm2d),
+        }
+        return model_class(backbone, **{"num_classes": 91, **kw}, **heads, **extra_heads(channels))
+
+    return make
 
 
 def _mobilenet(defaults: dict[str, Any]) -> Any:
@@ -198,7 +219,7 @@ def _mobilenet(defaults: dict[str, Any]) -> Any:
 _BASE = detector_spec(
     "fasterrcnn_resnet50_fpn",
     "faster_rcnn",
-    _resnet50_v1,
+    resnet50_fpn_v1_maker(QuantizableFasterRCNN, tv.FasterRCNN_ResNet50_FPN_Weights),
     tv.FasterRCNN_ResNet50_FPN_Weights,
     input_size=(800, 800),
     description="Faster R-CNN ResNet50-FPN (torchvision's architecture and weights)",
@@ -207,7 +228,7 @@ fasterrcnn_resnet50_fpn = define_model(_BASE)
 fasterrcnn_resnet50_fpn_v2 = define_model(
     _BASE.variant(
         name="fasterrcnn_resnet50_fpn_v2",
-        make_model=_resnet50_v2,
+        make_model=resnet50_fpn_v2_maker(QuantizableFasterRCNN),
         weights_enum=tv.FasterRCNN_ResNet50_FPN_V2_Weights,
         description="Faster R-CNN ResNet50-FPN v2 (torchvision's architecture and weights)",
     )

@@ -27,20 +27,20 @@ from torch.ao.quantization import (
     default_weight_observer,
 )
 from torch.nn import functional as F
-from torchvision.models.detection import faster_rcnn as tv_faster
 from torchvision.models.detection import mask_rcnn as tv
-from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms._presets import ObjectDetection
 
-from qz_core import define_model, resolve_weights
-from qz_core.builder import WeightsArg
+from qz_core import define_model
 from qz_detection.detector import scale_boxes
-from qz_detection.models._backbones import resnet50_fpn
 from qz_detection.models._common import detection_loss_sum, detector_spec, upgrade
-from qz_detection.models.faster_rcnn import QuantizableFasterRCNN, QuantizableMultiScaleRoIAlign
+from qz_detection.models.faster_rcnn import (
+    QuantizableFasterRCNN,
+    QuantizableMultiScaleRoIAlign,
+    resnet50_fpn_v1_maker,
+    resnet50_fpn_v2_maker,
+)
 from qz_segmentation.instances import (
     MASK_THRESHOLD,
     InstancePrediction,
@@ -187,63 +187,15 @@ class QuantizableMaskRCNN(QuantizableFasterRCNN, MaskRCNN):
         return predictions
 
 
-def _resnet50_v1(
-    *,
-    weights: WeightsArg,
-    weights_backbone: WeightsArg,
-    trainable_backbone_layers: int | None,
-    progress: bool,
-    **kw: Any,
-) -> QuantizableMaskRCNN:
-    backbone = resnet50_fpn(
-        weights=weights,
-        weights_backbone=weights_backbone,
-        trainable_layers=trainable_backbone_layers,
-        progress=progress,
-    )
-    model = QuantizableMaskRCNN(backbone, **{"num_classes": 91, **kw})
-    source = resolve_weights(weights, tv.MaskRCNN_ResNet50_FPN_Weights)
-    if source is not None and source.enum_member is tv.MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
-        overwrite_eps(model, 0.0)  # as torchvision does for these weights
-    return model
-
-
-def _resnet50_v2(
-    *,
-    weights: WeightsArg,
-    weights_backbone: WeightsArg,
-    trainable_backbone_layers: int | None,
-    progress: bool,
-    **kw: Any,
-) -> QuantizableMaskRCNN:
-    backbone = resnet50_fpn(
-        weights=weights,
-        weights_backbone=weights_backbone,
-        trainable_layers=trainable_backbone_layers,
-        progress=progress,
-        norm_layer=nn.BatchNorm2d,
-        fpn_norm_layer=nn.BatchNorm2d,
-    )
-    anchors = tv_faster._default_anchorgen()
-    rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
-    box_head = tv_faster.FastRCNNConvFCHead(
-        (backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d
-    )
-    mask_head = MaskRCNNHeads(backbone.out_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)
-    return QuantizableMaskRCNN(
-        backbone,
-        **{"num_classes": 91, **kw},
-        rpn_anchor_generator=anchors,
-        rpn_head=rpn_head,
-        box_head=box_head,
-        mask_head=mask_head,
-    )
+def _mask_head(channels: int) -> dict[str, nn.Module]:
+    """torchvision v2's mask head: four conv-BatchNorm-ReLU blocks."""
+    return {"mask_head": MaskRCNNHeads(channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)}
 
 
 _BASE = detector_spec(
     "maskrcnn_resnet50_fpn",
     FAMILY,
-    _resnet50_v1,
+    resnet50_fpn_v1_maker(QuantizableMaskRCNN, tv.MaskRCNN_ResNet50_FPN_Weights),
     tv.MaskRCNN_ResNet50_FPN_Weights,
     input_size=(800, 800),
     description="Mask R-CNN ResNet50-FPN, instance segmentation (torchvision's architecture and weights)",
@@ -252,7 +204,7 @@ maskrcnn_resnet50_fpn = define_model(_BASE)
 maskrcnn_resnet50_fpn_v2 = define_model(
     _BASE.variant(
         name="maskrcnn_resnet50_fpn_v2",
-        make_model=_resnet50_v2,
+        make_model=resnet50_fpn_v2_maker(QuantizableMaskRCNN, _mask_head),
         weights_enum=tv.MaskRCNN_ResNet50_FPN_V2_Weights,
         description="Mask R-CNN ResNet50-FPN v2, instance segmentation (torchvision's architecture and weights)",
     )
