@@ -245,6 +245,53 @@ def _timed_scores(
     return DetectionScores(**scores, detections=len(results), images=len(evaluated), seconds=seconds)
 
 
+@dataclass
+class CocoSplit:
+    """The images of a COCO evaluation: those evaluated, and those that calibrate PTQ.
+
+    Without a calibration folder, up to ``calib_batches`` images (a fifth at most) are held out of both
+    evaluations to calibrate. The same seed draws the held-out images, the ``limit`` sample and the order
+    calibration feeds them in.
+    """
+
+    evaluated: Subset
+    calibration: Any = None
+    description: str = ""
+    batches: int = 0
+    seed: int = 0
+
+    @classmethod
+    def of(
+        cls, dataset: CocoImages, calib_images: Any, calib_batches: int, limit: int | None, seed: int, quantize: bool
+    ) -> CocoSplit:
+        """The split of ``dataset``.
+
+        Raises:
+            QzError: PTQ without a calibration folder on a single annotated image.
+        """
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        calibration, description = None, ""
+        if quantize and calib_images is not None:
+            calibration = image_dataset(calib_images, to_tensor, purpose="calibration")
+            description = f"images of {os.fspath(calib_images)}"
+        elif quantize:
+            if len(dataset) < 2:
+                raise QzError(f"{str(dataset.root)!r} has 1 annotated image: too few to hold out calibration images.")
+            hold_out = min(calib_batches, len(dataset) // 5) or 1
+            calibration, order = Subset(dataset, sorted(order[:hold_out])), order[hold_out:]
+            description = f"{hold_out} of the {len(dataset)} images, held out (not evaluated)"
+        evaluated = Subset(dataset, sorted(order[:limit] if limit is not None else order))
+        return cls(evaluated, calibration, description, calib_batches, seed)
+
+    def quantize(self, prepared: nn.Module, to_input: Any, progress: bool) -> tuple[nn.Module, str]:
+        """``prepared`` calibrated on the calibration images (each through ``to_input``) and converted, with a note."""
+        shuffled = torch.randperm(len(self.calibration), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        seen = calibrate(
+            prepared, (to_input(self.calibration[i][0]) for i in shuffled[: self.batches]), progress=progress
+        )
+        return convert(prepared, inplace=True), f"{self.description}, {seen} images fed"
+
+
 def evaluate_detector(
     model: str | None = None,
     *,
@@ -311,19 +358,8 @@ def evaluate_detector(
     mode = label_map or fmt.label_map
     category_map = CategoryMap.for_model(mode, dataset.coco.getCatIds(), num_labels, fmt.first_label)
 
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    calib_data: Any = None
-    if quantize:
-        if calib_images is not None:
-            calib_data = image_dataset(calib_images, to_tensor, purpose="calibration")
-            calibration = f"images of {os.fspath(calib_images)}"
-        else:
-            if len(dataset) < 2:
-                raise QzError(f"{str(images_dir)!r} has 1 annotated image: too few to hold out calibration images.")
-            hold_out = min(calib_batches, len(dataset) // 5) or 1
-            calib_data, order = Subset(dataset, sorted(order[:hold_out])), order[hold_out:]
-            calibration = f"{hold_out} of the {len(dataset)} images, held out (not evaluated)"
-    evaluated = Subset(dataset, sorted(order[:limit] if limit is not None else order))
+    split_plan = CocoSplit.of(dataset, calib_images if quantize else None, calib_batches, limit, seed, bool(quantize))
+    evaluated = split_plan.evaluated
     ids = category_map.category_ids
     result = DetectionEval(
         model=model,
@@ -338,11 +374,9 @@ def evaluate_detector(
     if quantize:
         options = {"backend": backend, "activation_observer": activation_observer}
         prepared = builder(weights=weights, quantize=True, **options, **kwargs)
-        shuffled = torch.randperm(len(calib_data), generator=torch.Generator().manual_seed(seed)).tolist()
-        batches = (fmt.inputs(calib_data[i][0], prepared) for i in shuffled[:calib_batches])
-        seen = calibrate(prepared, batches, progress=progress)
-        result.calibration = f"{calibration}, {seen} images fed"
-        int8_model = convert(prepared, inplace=True)
+        int8_model, result.calibration = split_plan.quantize(
+            prepared, lambda image: fmt.inputs(image, prepared), progress
+        )
         result.int8_source = "PTQ"
     elif int8_model is not None:
         result.int8_source = os.fspath(int8)

@@ -408,11 +408,9 @@ def evaluate_instance_segmenter(
     Raises:
         QzError: bad names, folders, annotation files, missing images, or a model that is not an instance segmenter.
     """
-    from torchvision.transforms.functional import to_tensor
-
-    from qz_core import image_dataset
     from qz_detection.coco import CategoryMap, CocoImages, find_coco, load_coco
     from qz_detection.detector import num_classes_of
+    from qz_detection.evaluate import CocoSplit
 
     check_eval_options(quantize, int8, calib_batches=calib_batches, limit=limit)
     model, _, int8_model = resolve_eval_model(model, int8, "segmentation", "evaluate_instance_segmenter()")
@@ -426,19 +424,8 @@ def evaluate_instance_segmenter(
     num_labels = num_classes_of(float_model if float_model is not None else int8_model)
     category_map = CategoryMap.for_model(label_map, dataset.coco.getCatIds(), num_labels, first_label=1)
 
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    calib_data: Any = None
-    if quantize:
-        if calib_images is not None:
-            calib_data = image_dataset(calib_images, to_tensor, purpose="calibration")
-            calibration = f"images of {os.fspath(calib_images)}"
-        else:
-            if len(dataset) < 2:
-                raise QzError(f"{str(images_dir)!r} has 1 annotated image: too few to hold out calibration images.")
-            hold_out = min(calib_batches, len(dataset) // 5) or 1
-            calib_data, order = Subset(dataset, sorted(order[:hold_out])), order[hold_out:]
-            calibration = f"{hold_out} of the {len(dataset)} images, held out (not evaluated)"
-    evaluated = Subset(dataset, sorted(order[:limit] if limit is not None else order))
+    split_plan = CocoSplit.of(dataset, calib_images if quantize else None, calib_batches, limit, seed, bool(quantize))
+    evaluated = split_plan.evaluated
     ids = category_map.category_ids
     result = InstanceEval(
         model=model,
@@ -453,10 +440,7 @@ def evaluate_instance_segmenter(
     if quantize:
         options = {"backend": backend, "activation_observer": activation_observer}
         prepared = builder(weights=weights, quantize=True, **options, **kwargs)
-        shuffled = torch.randperm(len(calib_data), generator=torch.Generator().manual_seed(seed)).tolist()
-        seen = calibrate(prepared, (calib_data[i][0][None] for i in shuffled[:calib_batches]), progress=progress)
-        result.calibration = f"{calibration}, {seen} images fed"
-        int8_model = convert(prepared, inplace=True)
+        int8_model, result.calibration = split_plan.quantize(prepared, lambda image: image[None], progress)
         result.int8_source = "PTQ"
     elif int8_model is not None:
         result.int8_source = os.fspath(int8)
