@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.ao.quantization import DeQuantStub
 from torchvision.ops import box_convert, complete_box_iou_loss
 
-from qz_core import QzError, estimate_bn_stats
-from qz_detection.detector import Detection, Target
-from qz_detection.transforms import boxes_from_letterbox, boxes_to_letterbox
+from qz_core import estimate_bn_stats
+from qz_detection.detector import Target
+from qz_detection.models._letterbox import LetterboxDetector, YoloPredictions
+from qz_detection.transforms import boxes_to_letterbox
 
 __all__ = [
     "AnchorDetect",
@@ -32,7 +33,6 @@ __all__ = [
     "AnchorYoloDetector",
     "AnchorYoloLoss",
     "BoxDecoding",
-    "PredictionsOnly",
     "YoloV5Decoding",
     "normalized_targets",
 ]
@@ -284,7 +284,7 @@ def normalized_targets(targets: Sequence[Target], input_size: tuple[int, int]) -
     return torch.cat(rows) if rows else torch.zeros(0, 6)
 
 
-class AnchorYoloDetector:
+class AnchorYoloDetector(LetterboxDetector):
     """The ``QuantizableDetector`` methods of a letterboxed anchor-based YOLO whose last layer is an ``AnchorDetect``.
 
     The class mixes into an ``nn.Module`` with ``model`` (a Sequential ending in the head).
@@ -293,9 +293,6 @@ class AnchorYoloDetector:
         conf_thres, iou_thres, max_det: ``detect``'s NMS settings (YOLOv5's detect.py defaults).
     """
 
-    conf_thres = 0.25
-    iou_thres = 0.45
-    max_det = 300
     model: nn.Sequential
 
     @property
@@ -303,51 +300,15 @@ class AnchorYoloDetector:
         """The anchor-based Detect head."""
         return self.model[-1]
 
-    def detection_inputs(self, images: Sequence[Tensor]) -> Tensor:
-        """Letterboxed images of one size, stacked.
-
-        Raises:
-            QzError: the images differ in size (the transform must letterbox them).
-        """
-        if len({tuple(x.shape) for x in images}) != 1:
-            raise QzError("YOLO takes letterboxed images of one size: use the model's transform (LetterBox).")
-        return torch.stack(list(images))
-
     def detection_loss(self, images: Tensor | list[Tensor], targets: Sequence[Target]) -> Tensor:
         """YOLOv5's loss (``AnchorYoloLoss``); target boxes are mapped into the letterboxed input."""
         x = images if isinstance(images, Tensor) else self.detection_inputs(images)
         return AnchorYoloLoss(self.head)(self(x), normalized_targets(targets, tuple(x.shape[-2:])))
 
-    def detect(self, images: Tensor | list[Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Detection]:
-        """ultralytics' NMS on the decoded predictions, boxes taken back through the letterbox."""
-        from qz_detection._ultralytics import import_ultralytics
-
-        nms = import_ultralytics("ultralytics.utils.nms").non_max_suppression
-        x = images if isinstance(images, Tensor) else self.detection_inputs(images)
-        out = self(x)
-        predictions = out[0] if isinstance(out, (tuple, list)) else out
-        kept = nms(predictions, self.conf_thres, self.iou_thres, max_det=self.max_det)
-        input_size = tuple(x.shape[-2:])
-        return [
-            {"boxes": boxes_from_letterbox(k[:, :4], size, input_size), "labels": k[:, 5].long(), "scores": k[:, 4]}
-            for k, size in zip(kept, image_sizes, strict=True)
-        ]
-
     def export_module(self) -> nn.Module:
         """The model itself with the head's ``export``, else a wrapper returning its predictions only."""
-        return self if self.head.export else PredictionsOnly(self)
+        return self if self.head.export else YoloPredictions(self)
 
     def settle_random_weights(self, inputs: Sequence[Any]) -> None:
         """BatchNorm statistics from ``inputs``."""
         estimate_bn_stats(self, list(inputs))
-
-
-class PredictionsOnly(nn.Module):
-    """An anchor-based YOLO's deployable output: the decoded predictions (B, 4 + classes, anchors) only."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)[0]

@@ -20,25 +20,14 @@ from torch.ao.quantization import QuantStub
 from qz_core import QzError, estimate_bn_stats, fuse_modules, replace_silu
 from qz_core.fusion import check_fuse_level
 from qz_detection._ultralytics import import_ultralytics
-from qz_detection.detector import Detection, Target
+from qz_detection.detector import Target
+from qz_detection.models._letterbox import LetterboxDetector, YoloPredictions
 from qz_detection.models.yolo_blocks import FUSE_SCOPES, conv_bn_groups, swap_blocks
-from qz_detection.transforms import boxes_from_letterbox, boxes_to_letterbox
+from qz_detection.transforms import boxes_to_letterbox
 
 __all__ = ["QuantizableYOLO", "YoloPredictions", "read_ultralytics_checkpoint", "yolo_detection_loss"]
 
 DetectionModel = import_ultralytics("ultralytics.nn.tasks").DetectionModel
-
-
-class YoloPredictions(nn.Module):
-    """A YOLO's deployable output: the decoded predictions (B, 4 + classes, anchors) only."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @contextlib.contextmanager
@@ -52,7 +41,7 @@ def _quiet_ultralytics() -> Iterator[None]:
         logger.setLevel(level)
 
 
-class QuantizableYOLO(DetectionModel):
+class QuantizableYOLO(LetterboxDetector, DetectionModel):
     """ultralytics' ``DetectionModel`` with a QuantStub in front and quantizable blocks.
 
     Args:
@@ -68,10 +57,6 @@ class QuantizableYOLO(DetectionModel):
     Raises:
         QzError: the config uses blocks qz has no quantizable version of (YOLOv10's SCDown, YOLO12's A2C2f...).
     """
-
-    conf_thres = 0.25
-    iou_thres = 0.45
-    max_det = 300
 
     def __init__(self, cfg: str | dict, num_classes: int = 80, in_channels: int = 3, export: bool = False) -> None:
         with _quiet_ultralytics():  # its 'Overriding model.yaml nc=80 with nc=N' is not news: num_classes says so
@@ -95,33 +80,10 @@ class QuantizableYOLO(DetectionModel):
             return
         fuse_modules(self, conv_bn_groups(self, None if level == "all" else FUSE_SCOPES), is_qat)
 
-    def detection_inputs(self, images: Sequence[Tensor]) -> Tensor:
-        """Letterboxed images of one size, stacked.
-
-        Raises:
-            QzError: the images differ in size (the transform must letterbox them).
-        """
-        if len({tuple(x.shape) for x in images}) != 1:
-            raise QzError("YOLO takes letterboxed images of one size: use the model's transform (LetterBox).")
-        return torch.stack(list(images))
-
     def detection_loss(self, images: Tensor | list[Tensor], targets: Sequence[Target]) -> Tensor:
         """ultralytics' detection loss; target boxes are mapped into the letterboxed input."""
         x = images if isinstance(images, Tensor) else self.detection_inputs(images)
         return yolo_detection_loss(self)(self(x), yolo_labels(targets, tuple(x.shape[-2:])))
-
-    def detect(self, images: Tensor | list[Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Detection]:
-        """ultralytics' NMS on the decoded predictions, boxes taken back through the letterbox."""
-        nms = import_ultralytics("ultralytics.utils.nms").non_max_suppression
-        x = images if isinstance(images, Tensor) else self.detection_inputs(images)
-        out = self(x)
-        predictions = out[0] if isinstance(out, (tuple, list)) else out
-        kept = nms(predictions, self.conf_thres, self.iou_thres, max_det=self.max_det)
-        input_size = tuple(x.shape[-2:])
-        return [
-            {"boxes": boxes_from_letterbox(k[:, :4], size, input_size), "labels": k[:, 5].long(), "scores": k[:, 4]}
-            for k, size in zip(kept, image_sizes, strict=True)
-        ]
 
     def export_module(self) -> nn.Module:
         """The model itself with ``export=True``, else a wrapper returning its predictions only."""

@@ -45,6 +45,7 @@ from qz_core import (
 )
 from qz_core.fusion import check_fuse_level
 from qz_detection.detector import Detection, Target
+from qz_detection.models._letterbox import LetterboxDetector, YoloPredictions
 from qz_detection.models.darknet import (
     BUILTIN_CFGS,
     ConvBlock,
@@ -127,19 +128,7 @@ class QuantizableShortcut(Shortcut):
         return self.skip_add.add(x, saved[self.source])
 
 
-class YoloPredictions(nn.Module):
-    """A darknet YOLO's deployable output: the decoded predictions (B, 4 + classes, anchors) only."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class QuantizableYOLOv4(DarknetYOLO):
+class QuantizableYOLOv4(LetterboxDetector, DarknetYOLO):
     """``DarknetYOLO`` with a QuantStub in front, INT8 routes and shortcuts, Mish as float islands.
 
     Args:
@@ -150,10 +139,6 @@ class QuantizableYOLOv4(DarknetYOLO):
     Attributes:
         conf_thres, iou_thres, max_det: ``detect``'s NMS settings (darknet's and ultralytics' predict defaults).
     """
-
-    conf_thres = 0.25
-    iou_thres = 0.45
-    max_det = 300
 
     def __init__(self, cfg: str | os.PathLike = "yolov4.cfg", num_classes: int | None = None, export: bool = False):
         super().__init__(cfg, num_classes, export)
@@ -190,16 +175,6 @@ class QuantizableYOLOv4(DarknetYOLO):
             groups.append([f"layers.{index}.conv", f"layers.{index}.bn", *relu])
         fuse_modules(self, groups, is_qat)
 
-    def detection_inputs(self, images: Sequence[Tensor]) -> Tensor:
-        """Letterboxed images of one size, stacked.
-
-        Raises:
-            QzError: the images differ in size (the transform must letterbox them).
-        """
-        if len({tuple(x.shape) for x in images}) != 1:
-            raise QzError("YOLOv4 takes letterboxed images of one size: use the model's transform (LetterBox).")
-        return torch.stack(list(images))
-
     def detection_loss(self, images: Tensor | list[Tensor], targets: Sequence[Target]) -> Tensor:
         """``yolov4_detection_loss`` of the head maps; target boxes are mapped into the letterboxed input."""
         x = images if isinstance(images, Tensor) else self.detection_inputs(images)
@@ -215,10 +190,7 @@ class QuantizableYOLOv4(DarknetYOLO):
 
     def detect(self, images: Tensor | list[Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[Detection]:
         """Class-wise NMS on the decoded predictions, boxes taken back through the letterbox."""
-        x = images if isinstance(images, Tensor) else self.detection_inputs(images)
-        out = self(x)
-        predictions = out[0] if isinstance(out, (tuple, list)) else out
-        input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        predictions, input_size = self.predictions(images)
         return [self._nms(p, size, input_size) for p, size in zip(predictions, image_sizes, strict=True)]
 
     def _nms(self, predictions: Tensor, image_size: tuple[int, int], input_size: tuple[int, int]) -> Detection:
