@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from qz_core import ModelSpec, QzError
+from qz_detection.task import BOX_COLORS
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
@@ -41,19 +42,6 @@ DRAW_MIN_SCORE = 0.3
 DRAW_MIN_SIDE = 480
 MASK_ALPHA = 0.45
 TITLE_HEIGHT = 28
-# Distinct, saturated colours (Tableau 10), as qz-detection draws boxes.
-INSTANCE_COLORS = [
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-]
 _INSTANCE_FAMILIES: set[str] = set()
 
 
@@ -172,7 +160,7 @@ def draw_instances(
     keep = prediction["scores"] >= DRAW_MIN_SCORE
     labels = [int(k) for k in prediction["labels"][keep]]
     if labels:
-        colors = [INSTANCE_COLORS[i % len(INSTANCE_COLORS)] for i in range(len(labels))]
+        colors = [BOX_COLORS[i % len(BOX_COLORS)] for i in range(len(labels))]
         kept = masks[keep]
         if scale > 1:
             kept = torch.nn.functional.interpolate(kept[:, None].float(), size=size, mode="nearest")[:, 0].bool()
