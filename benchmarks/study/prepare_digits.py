@@ -1,9 +1,10 @@
-"""Inputs of ``nox -s study``: scikit-learn's digits as image folders, and the demo's ResNet-18 trained on them.
+"""Inputs of ``nox -s study``: scikit-learn's digits as image folders, and a classifier trained on them.
 
 The digits (1,797 real 8x8 handwritten digits) are split 80/20 by class as the demo splits them, upsampled
-to ``--image-size`` px and written as PNGs in one subfolder per class (``train/``, ``val/``). The ResNet-18
-is trained with the demo's ``train_float`` on ``train/`` read the classification task's way (its default
-transform at ``--image-size``), so ``qz study --input-size`` scores it on exactly what it was trained on.
+to ``--image-size`` px and written as PNGs in one subfolder per class (``train/``, ``val/``). ``--model``
+(the demo's ResNet-18 by default) is trained with the demo's ``train_float`` on ``train/`` read the
+classification task's way (its default transform at ``--image-size``), so ``qz study --input-size`` scores
+it on exactly what it was trained on.
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ def write_digit_folders(root: Path, image_size: int, seed: int = 0) -> tuple[Pat
     return root / "train", root / "val"
 
 
-def train_resnet18(train_dir: Path, image_size: int, epochs: int, checkpoint: Path, seed: int = 0) -> Path:
-    """Trains a float ResNet-18 on ``train_dir`` (task transform at ``image_size``) and saves its state dict."""
+def train_classifier(name: str, train_dir: Path, image_size: int, epochs: int, checkpoint: Path, seed: int = 0) -> Path:
+    """Trains float classifier ``name`` on ``train_dir`` (task transform at ``image_size``), saves its state dict."""
     torch.manual_seed(seed)
-    spec = qz_core.get_model_spec("resnet18").variant(input_size=(image_size, image_size), preprocess=None)
+    spec = qz_core.get_model_spec(name).variant(input_size=(image_size, image_size), preprocess=None)
     task = qz_core.get_task(spec.task)
     dataset = task.training_data(spec, train_dir, task.transform(spec, None))
     loader = DataLoader(dataset, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model = qz_core.get_model("resnet18", num_classes=10)
+    model = qz_core.get_model(name, num_classes=10)
     train_float(model, loader, epochs)
     state = model.state_dict()
     write_atomic(checkpoint, lambda file: torch.save(state, file))
@@ -56,15 +57,16 @@ def train_resnet18(train_dir: Path, image_size: int, epochs: int, checkpoint: Pa
 def main() -> None:
     """Writes the folders and the checkpoint under ``--out`` (skips what is already there)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for train/, val/ and resnet18_digits.pth")
+    parser.add_argument("--out", type=Path, required=True, help="folder for train/, val/ and MODEL_digits.pth")
+    parser.add_argument("--model", default="resnet18", help="registered classifier to train")
     parser.add_argument("--image-size", type=int, default=64, help="digits upsampled to this size in px")
     parser.add_argument("--epochs", type=int, default=3, help="FP32 training epochs")
     args = parser.parse_args()
     if not (args.out / "val").is_dir():
         write_digit_folders(args.out, args.image_size)
-    checkpoint = args.out / "resnet18_digits.pth"
+    checkpoint = args.out / f"{args.model}_digits.pth"
     if not checkpoint.is_file():
-        train_resnet18(args.out / "train", args.image_size, args.epochs, checkpoint)
+        train_classifier(args.model, args.out / "train", args.image_size, args.epochs, checkpoint)
     print(f"digits folders and checkpoint in {args.out}")
 
 

@@ -43,7 +43,10 @@ def _torchvision_int8(name: str, state: dict, batches: list[torch.Tensor]) -> nn
 @pytest.mark.parametrize("builder", [mobilenet_v2, mobilenet_v3_large], ids=lambda b: b.__name__)
 @torch.no_grad()
 def test_int8_matches_torchvision_quantized(builder, tmp_path):
-    """Same float weights, calibration batches and backend: qz's INT8 output is torchvision's (within one step)."""
+    """Same float weights, calibration batches and backend: qz's INT8 output is torchvision's (within one step).
+
+    torchvision quantizes a fused conv-bn-ReLU6 as conv-bn-ReLU: qz's ``relu6='relu'``.
+    """
     name = builder.__name__
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 3, 64, 64, generator=generator) for _ in range(2)]
@@ -52,7 +55,7 @@ def test_int8_matches_torchvision_quantized(builder, tmp_path):
     torch.save(float_model.state_dict(), tmp_path / "fp32.pth")
 
     reference = _torchvision_int8(name, float_model.state_dict(), batches)
-    model = builder(weights=str(tmp_path / "fp32.pth"), quantize=True, backend="x86")
+    model = builder(weights=str(tmp_path / "fp32.pth"), quantize=True, backend="x86", relu6="relu")
     calibrate(model, batches, progress=False)
     model = convert(model)
 

@@ -19,10 +19,10 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from qz_core.backend import resolve_backend, set_backend
-from qz_core.errors import QzError
-from qz_core.fusion import check_fuse_level
+from qz_core.errors import QzError, invalid_choice
+from qz_core.fusion import RELU6_MODES, check_fuse_level
 from qz_core.partial import keep_float, quantize_from
-from qz_core.qconfig import make_qconfig
+from qz_core.qconfig import keep_relu6, make_qconfig
 from qz_core.weights import WeightsSource, load_state_dict_strict, resolve_weights
 
 WeightsArg = WeightsSource | WeightsEnum | str | os.PathLike | None
@@ -42,6 +42,9 @@ class QuantOptions:
         allow_saturation: accept full-range activations on x86 (warns instead of raising).
         float_modules: dotted names of submodules kept in float behind DeQuant/Quant stubs.
         quantize_from: dotted name of the stage where quantization starts; all before stays float.
+        relu6: what a conv-bn-ReLU6 fused as conv-ReLU computes in INT8 (``qz_core.qconfig.keep_relu6``):
+            'clamp' (its output range ends at 6: ReLU6 where saturation bounds it, at no cost), 'exact' (ReLU6
+            on every engine, with a quantized ReLU6 where needed) or 'relu' (as torchvision's quantizable MobileNets).
     """
 
     backend: str | None = None
@@ -52,10 +55,13 @@ class QuantOptions:
     allow_saturation: bool = False
     float_modules: Sequence[str] = field(default_factory=tuple)
     quantize_from: str | None = None
+    relu6: str = "clamp"
 
     def __post_init__(self) -> None:
         self.float_modules = tuple(self.float_modules)
         check_fuse_level(self.fuse_level)
+        if self.relu6 not in RELU6_MODES:
+            raise invalid_choice("relu6", self.relu6, RELU6_MODES)
 
     @classmethod
     def pop_from(cls, kwargs: dict[str, Any]) -> QuantOptions:
@@ -94,7 +100,7 @@ class BuildRecipe:
     def from_dict(cls, data: Mapping[str, Any]) -> BuildRecipe:
         """The recipe of a saved INT8 file; unknown or missing keys are an error."""
         try:
-            options = QuantOptions(**data["options"])
+            options = QuantOptions(**({"relu6": "relu"} | data["options"]))  # files made before the option
             known = {f.name for f in fields(cls)} - {"options"}
             return cls(options=options, **{k: data[k] for k in known if k in data})
         except (KeyError, TypeError) as exc:
@@ -222,6 +228,8 @@ def prepare_quantizable(
     keep_float(model, options.float_modules)
     if options.quantize_from:
         quantize_from(model, options.quantize_from)
+    if options.relu6 != "relu":
+        keep_relu6(model, exact=options.relu6 == "exact")
     if is_qat:
         model.train()
         tq.prepare_qat(model, inplace=True)

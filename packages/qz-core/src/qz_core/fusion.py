@@ -28,6 +28,30 @@ _PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
 )
 
 
+RELU6_MODES: tuple[str, ...] = ("clamp", "exact", "relu")
+# Set on each conv-bn-ReLU6 Sequential whose ReLU6 fusion turned into a ReLU: the name of the ReLU6's slot.
+RELU6_SLOT_ATTR = "qz_relu6_slot"
+
+
+def relu6_to_relu(module: nn.Module) -> int:
+    """Replaces the ReLU6 of every conv-bn-ReLU6 Sequential in ``module`` by a ReLU, so the run can fuse.
+
+    torch has no fused conv-bn-ReLU6. Each such Sequential is marked (``qz_relu6_slot``) so that, unless
+    ``QuantOptions.relu6='relu'``, ``qz_core.qconfig.keep_relu6`` makes the INT8 model compute ReLU6 again.
+    Only called when fusing: an unquantized model keeps ReLU6 and computes exactly the float model's output.
+
+    Returns:
+        The number of ReLU6 replaced.
+    """
+    count = 0
+    for child in module.modules():
+        if isinstance(child, nn.Sequential) and [type(m) for m in child] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6]:
+            child[2] = nn.ReLU(inplace=False)
+            setattr(child, RELU6_SLOT_ATTR, "2")
+            count += 1
+    return count
+
+
 def check_fuse_level(level: str) -> str:
     """Returns ``level`` if it is one of ``FUSE_LEVELS``, else raises naming the choices."""
     if level not in FUSE_LEVELS:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.ao.quantization import (
     FakeQuantize,
     HistogramObserver,
@@ -17,9 +19,11 @@ from torch.ao.quantization import (
     get_default_qat_qconfig,
     get_default_qconfig,
 )
+from torch.ao.quantization.observer import ObserverBase
 
 from qz_core.backend import resolve_backend
 from qz_core.errors import QzError, invalid_choice
+from qz_core.fusion import RELU6_SLOT_ATTR
 
 ACTIVATION_OBSERVERS: dict[str, type] = {
     "histogram": HistogramObserver,
@@ -123,3 +127,80 @@ def check_qconfig(qconfig: QConfig, backend: str, *, allow_saturation: bool = Fa
         if not allow_saturation:
             raise QzError(message + " Pass allow_saturation=True to run it anyway.")
         warnings.warn(message, stacklevel=3)
+
+
+class ClampedActivation(ObserverBase):
+    """An activation observer (or QAT fake-quantize) that first clamps its input to [low, high].
+
+    Calibration and QAT then see a clamped activation (a fused conv-ReLU standing for conv-ReLU6), and
+    the INT8 output range ends at most at ``high``.
+
+    Args:
+        inner: the constructor of the observer or fake-quantize that records the clamped values.
+        low: lower clamp.
+        high: upper clamp.
+        **kwargs: passed to ``inner`` (``factory_kwargs`` from ``prepare``).
+    """
+
+    def __init__(self, inner: Callable[..., nn.Module], low: float, high: float, **kwargs: Any) -> None:
+        recorder = inner(**kwargs)
+        super().__init__(dtype=recorder.dtype, is_dynamic=getattr(recorder, "is_dynamic", False))
+        self.inner = recorder
+        self.low, self.high = low, high
+        for name in ("qscheme", "quant_min", "quant_max", "reduce_range"):
+            if hasattr(recorder, name):
+                setattr(self, name, getattr(recorder, name))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x.clamp(self.low, self.high))
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.inner.calculate_qparams()
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}"
+
+
+def _effective_qconfigs(module: nn.Module, inherited: QConfig | None = None, prefix: str = "") -> dict[str, Any]:
+    """Dotted name -> the qconfig ``prepare`` will give each module (its own, else its parent's)."""
+    own = getattr(module, "qconfig", inherited)
+    found = {prefix: own}
+    for name, child in module.named_children():
+        found |= _effective_qconfigs(child, own, f"{prefix}.{name}" if prefix else name)
+    return found
+
+
+def _quant_range_is_reduced(activation: Callable[..., nn.Module]) -> bool:
+    """True when the observer's range is narrower than its dtype's (x86's 7-bit activations)."""
+    observer = activation()
+    info = torch.iinfo(observer.dtype)
+    return observer.quant_max - observer.quant_min < info.max - info.min
+
+
+def keep_relu6(model: nn.Module, exact: bool = False) -> int:
+    """Makes each conv-bn-ReLU6 that fusion turned into conv-ReLU compute ReLU6 in INT8 (call before ``prepare``).
+
+    The fused module's output observer clamps to [0, 6], so calibration and QAT see the float model's
+    function and the INT8 range ends at most at 6. Where the quantized range fills the dtype (qnnpack),
+    requantization saturates there: the ReLU6 is exact, at no cost. Where it is reduced to 7 bits (x86),
+    requantization saturates only at twice the range (12); with ``exact`` a quantized ReLU6 goes back into
+    its slot (measured: about 10% more eager latency on MobileNetV2). Modules left in float are untouched.
+
+    Returns:
+        The number of ReLU6 kept.
+    """
+    effective = _effective_qconfigs(model)
+    count = 0
+    for name, module in model.named_modules():
+        slot, qconfig = getattr(module, RELU6_SLOT_ATTR, None), effective.get(name)
+        if slot is None or qconfig is None:
+            continue
+        module.qconfig = QConfig(
+            activation=ClampedActivation.with_args(inner=qconfig.activation, low=0.0, high=6.0),
+            weight=qconfig.weight,
+        )
+        if exact and _quant_range_is_reduced(qconfig.activation):
+            setattr(module, slot, nn.ReLU6())
+        count += 1
+    return count

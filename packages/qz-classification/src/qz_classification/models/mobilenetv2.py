@@ -4,34 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torchvision.models.mobilenetv2 import InvertedResidual, MobileNet_V2_Weights, MobileNetV2
-from torchvision.ops.misc import Conv2dNormActivation
 
 from qz_classification._common import TASK, imagenet_preprocess, ratio_target
 from qz_core import ModelSpec, define_model, fuse_in_blocks
+from qz_core.fusion import relu6_to_relu
 
-__all__ = ["QuantizableInvertedResidual", "QuantizableMobileNetV2", "mobilenet_v2", "relu6_to_relu"]
-
-
-def relu6_to_relu(module: nn.Module) -> int:
-    """Replaces the ReLU6 of every conv-bn-ReLU6 run in ``module`` by a ReLU, so the run can fuse.
-
-    torch has no fused conv-bn-ReLU6; like torchvision's quantizable MobileNets, qz quantizes
-    the fused conv-bn-ReLU instead (the INT8 output range is calibrated anyway). Only called
-    when fusing, so an unquantized model keeps ReLU6 and computes exactly torchvision's output.
-
-    Returns:
-        The number of ReLU6 replaced.
-    """
-    count = 0
-    for child in module.modules():
-        if type(child) is Conv2dNormActivation and [type(m) for m in child] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6]:
-            child[2] = nn.ReLU(inplace=False)
-            count += 1
-    return count
+__all__ = ["QuantizableInvertedResidual", "QuantizableMobileNetV2", "mobilenet_v2"]
 
 
 class QuantizableInvertedResidual(InvertedResidual):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qz_core.backend import supported_backends
 from qz_core.cli.arguments import onnx_opset, positive_int
-from qz_core.fusion import FUSE_LEVELS
+from qz_core.fusion import FUSE_LEVELS, RELU6_MODES
 from qz_core.job import EXPORT_FORMATS, ModelSource, QuantizeRequest, export_model, predict_images, quantize_model
 from qz_core.registry import get_model_spec, list_models, list_tasks
 
@@ -43,6 +43,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "fuse_level": args.fuse_level,
         "float_modules": _csv(args.float_modules),
         "quantize_from": args.quantize_from,
+        "relu6": args.relu6,
     }
     request = QuantizeRequest(
         model=args.model,
@@ -127,6 +128,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fuse-level", choices=FUSE_LEVELS, default="all", help="which conv-bn-relu runs to fuse")
     p.add_argument("--float-modules", default="", help="comma-separated submodules kept in float")
     p.add_argument("--quantize-from", default=None, help="submodule where quantization starts (before it stays float)")
+    p.add_argument(
+        "--relu6",
+        choices=RELU6_MODES,
+        default="clamp",
+        help="a fused conv-bn-ReLU6 in INT8: output range ends at 6 ('clamp', default; exact ReLU6 on qnnpack, "
+        "saturates at 12 on x86), a ReLU6 on every engine ('exact', a quantized ReLU6 more on x86), or a ReLU ('relu')",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--calib-batches", type=int, default=None, help="calibrate on at most this many batches")
     group.add_argument(

@@ -23,9 +23,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from qz_classification.models.mobilenetv2 import relu6_to_relu
 from qz_core import BuildContext, ModelSpec, QzError, estimate_bn_stats, fuse_modules, sequential_fusion_groups
-from qz_core.fusion import check_fuse_level
+from qz_core.fusion import check_fuse_level, relu6_to_relu
 from qz_detection.detector import Detection, Target, scale_boxes
 
 # Deployed INT8/FP32 latency ratio qz bench asks of a whole detector (float NMS and decoding included).

@@ -12,10 +12,11 @@ from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 
 from qz_core.errors import QzError, invalid_choice
-from qz_core.fusion import FUSE_LEVELS
+from qz_core.fusion import FUSE_LEVELS, RELU6_MODES
 from qz_core.qconfig import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
 
-SWEEPS = ("fusion", "observers", "start", "calibration")
+SEED_SWEEPS = ("fusion", "observers", "start", "calibration")
+SWEEPS = (*SEED_SWEEPS, "relu6")
 ALL_STAGES = "all"
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 _OBSERVER_KEYS = ("activation", "weight", "reduce_range")
@@ -32,6 +33,7 @@ class RowConfig:
         reduce_range: 7-bit activations; None for the backend default.
         quantize_from: the stage where quantization starts; None quantizes everything.
         calib_fraction: the fraction (0, 1] of the calibration folder's batches fed.
+        relu6: what a fused conv-bn-ReLU6 computes in INT8 ('clamp' or 'relu', ``QuantOptions.relu6``).
     """
 
     fuse_level: str = "all"
@@ -40,6 +42,7 @@ class RowConfig:
     reduce_range: bool | None = None
     quantize_from: str | None = None
     calib_fraction: float = 1.0
+    relu6: str = "clamp"
 
     def quant_options(self) -> dict[str, Any]:
         """The builder's ``QuantOptions`` keywords; full-range activations are studied, so saturation is allowed."""
@@ -50,6 +53,7 @@ class RowConfig:
             "reduce_range": self.reduce_range,
             "allow_saturation": self.reduce_range is False,
             "quantize_from": self.quantize_from,
+            "relu6": self.relu6,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +131,12 @@ def _calibration(value: Any) -> dict[str, Any]:
     return {"calib_fraction": fraction}
 
 
+def _relu6(value: Any) -> dict[str, Any]:
+    if value not in RELU6_MODES:
+        raise invalid_choice("relu6 value", value, RELU6_MODES)
+    return {"relu6": value}
+
+
 def default_values(sweep: str, stages: Sequence[str]) -> list[Any]:
     """The seed study's values of one axis."""
     if sweep == "fusion":
@@ -139,6 +149,8 @@ def default_values(sweep: str, stages: Sequence[str]) -> list[Any]:
         ]
     if sweep == "start":
         return [ALL_STAGES, *stages]
+    if sweep == "relu6":
+        return list(RELU6_MODES)
     return list(DEFAULT_FRACTIONS)
 
 
@@ -150,6 +162,8 @@ def axis_changes(sweep: str, value: Any, stages: Sequence[str]) -> dict[str, Any
         return _observers(value)
     if sweep == "start":
         return _start(value, stages)
+    if sweep == "relu6":
+        return _relu6(value)
     return _calibration(value)
 
 
@@ -161,6 +175,12 @@ def check_sweep_names(names: Sequence[str]) -> list[str]:
         if name not in SWEEPS:
             raise invalid_choice("sweep", name, SWEEPS)
     return list(dict.fromkeys(names))
+
+
+def default_sweeps(model: nn.Module) -> dict[str, list[Any] | None]:
+    """The seed study's four sweeps, and ``relu6`` when ``model`` has a ReLU6 that fusion would change."""
+    has_relu6 = any(type(m) is nn.ReLU6 for m in model.modules())
+    return dict.fromkeys([*SEED_SWEEPS, "relu6"] if has_relu6 else SEED_SWEEPS)
 
 
 def parse_sweep_option(text: str) -> dict[str, list[Any] | None]:
@@ -180,6 +200,7 @@ def _base(values: Any) -> RowConfig:
     base = RowConfig(**values)
     _fusion(base.fuse_level)
     _calibration(base.calib_fraction)
+    _relu6(base.relu6)
     if base.activation_observer is not None or base.weight_observer is not None:
         _observers({"activation": base.activation_observer or "histogram", "weight": base.weight_observer or "minmax"})
     return base
@@ -254,4 +275,6 @@ def row_label(sweep: str, config: RowConfig) -> str:
         return f"act {activation} (reduce_range={rr}) / w {weight}"
     if sweep == "start":
         return config.quantize_from or ALL_STAGES
+    if sweep == "relu6":
+        return config.relu6
     return f"{config.calib_fraction:.0%}"

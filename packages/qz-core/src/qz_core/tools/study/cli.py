@@ -11,7 +11,15 @@ from qz_core.cli.arguments import non_negative_int, positive_int
 from qz_core.errors import QzError
 from qz_core.files import check_output_dir
 from qz_core.fusion import FUSE_LEVELS
-from qz_core.tools.study.axes import SWEEPS, RowConfig, make_plan, parse_sweep_option, read_axes_file, stage_names
+from qz_core.tools.study.axes import (
+    SWEEPS,
+    RowConfig,
+    default_sweeps,
+    make_plan,
+    parse_sweep_option,
+    read_axes_file,
+    stage_names,
+)
 from qz_core.tools.study.runner import StudyInputs, StudySession, check_jobs, run_study
 
 
@@ -62,10 +70,14 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     inputs = _inputs(args)
     inputs.check()
-    sweeps, base = read_axes_file(args.axes) if args.axes else (parse_sweep_option(args.sweep), RowConfig())
+    if args.axes:
+        sweeps, base = read_axes_file(args.axes)
+    else:
+        sweeps, base = (parse_sweep_option(args.sweep) if args.sweep else None), RowConfig()
     out = check_output_dir(args.out, "--out")
     check_jobs(args.jobs)
     session = StudySession(inputs)
+    sweeps = default_sweeps(session.float_model) if sweeps is None else sweeps
     plan = make_plan(sweeps, base, stage_names(session.float_model))
     result = run_study(inputs, plan, out, jobs=args.jobs, progress=not args.no_progress, session=session)
     meta = _meta(args, session) | {"jobs": args.jobs, "base": base.to_dict()}
@@ -136,8 +148,9 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--sweep",
-        default=",".join(SWEEPS),
-        help=f"comma-separated sweeps with the seed study's values ({','.join(SWEEPS)})",
+        default=None,
+        help=f"comma-separated sweeps with their default values ({','.join(SWEEPS)}); by default the seed "
+        "study's four, and relu6 where the model has a ReLU6",
     )
     group.add_argument("--axes", default=None, help="YAML or JSON file of sweeps and their values (and a 'base')")
     p.add_argument(

@@ -38,7 +38,7 @@ def config_text(config: RowConfig) -> str:
     return (
         f"fuse={config.fuse_level} act={config.activation_observer or 'default'} "
         f"w={config.weight_observer or 'default'} reduce_range={rr} "
-        f"start={config.quantize_from or 'all'} calib={config.calib_fraction:.0%}"
+        f"start={config.quantize_from or 'all'} calib={config.calib_fraction:.0%} relu6={config.relu6}"
     )
 
 
