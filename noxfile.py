@@ -176,18 +176,43 @@ def zoo(session: nox.Session) -> None:
 
 @nox.session
 def study(session: nox.Session) -> None:
-    """The seed's PTQ study (fusion, observers, start stage, calibration) on the digits demo's ResNet-18.
+    """The seed's PTQ study (fusion, observers, start stage, calibration) on a demo's trained model.
 
-    Writes scikit-learn's digits as image folders and trains the demo's ResNet-18 on them (kept in the session's
-    tmp folder between runs), then runs 'qz study' into benchmarks/study/ (tables, CSVs, plots). Args go to
-    'qz study' in place of the four sweeps, e.g. `-- --sweep fusion,calibration --jobs 2`. Rows are cached there:
+    By default the digits demo's ResNet-18: writes scikit-learn's digits as image folders and trains it on them
+    (kept in the session's tmp folder between runs), then runs 'qz study' into benchmarks/study/ (tables, CSVs,
+    plots). `-- --task detection|segmentation` runs the canvas demo (YOLOv5nu or LR-ASPP trained on real digits
+    over photos) and studies its model into benchmarks/study/<task>/ (`canvas_axes.yaml`). Other args go to
+    'qz study' in place of the default sweeps, e.g. `-- --sweep fusion,calibration --jobs 2`. Rows are cached:
     a stopped run resumes. Latency is batch 1, one thread: run it on a quiet machine.
     """
-    packages = ("-e", _package_path("qz-core"), "-e", _package_path("qz-classification[demo]"))
-    session.install(*CONSTRAINTS, *packages, "matplotlib", "pyyaml")
-    work, out = Path(session.create_tmp()) / "digits", ROOT / "benchmarks" / "study"
+    task = _demo_task(session.posargs)
+    if task not in DEMO_PACKAGES:
+        session.error(f"Invalid --task {task!r}. Valid tasks: {', '.join(DEMO_PACKAGES)}.")
+    editable = [arg for name in DEMO_PACKAGES[task] for arg in ("-e", _package_path(name))]
+    session.install(*CONSTRAINTS, *editable, "matplotlib", "pyyaml")
+    out = ROOT / "benchmarks" / "study"
+    args = _without_task(session.posargs)
+    if task != "classification":
+        work = Path(session.create_tmp()) / f"demo-{task}"
+        script = ["python", str(out / "study_demo.py"), "--task", task, "--work", str(work), "--out", str(out / task)]
+        session.run(*script, *args, env=ENV)
+        return
+    work = Path(session.create_tmp()) / "digits"
     session.run("python", str(out / "prepare_digits.py"), "--out", str(work), "--image-size", "64", env=ENV)
     inputs = ["--weights", str(work / "resnet18_digits.pth"), "--num-classes", "10", "--input-size", "64"]
     inputs += ["--data", str(work / "val"), "--calib", str(work / "train"), "--out", str(out)]
-    sweeps = session.posargs or ["--sweep", "fusion,observers,start,calibration"]
+    sweeps = args or ["--sweep", "fusion,observers,start,calibration"]
     session.run("qz", "study", "resnet18", *inputs, *sweeps, env=ENV)
+
+
+def _without_task(posargs: list[str]) -> list[str]:
+    """The session's args without ``--task NAME`` / ``--task=NAME``."""
+    kept, skip = [], False
+    for arg in posargs:
+        if skip:
+            skip = False
+        elif arg == "--task":
+            skip = True
+        elif not arg.startswith("--task="):
+            kept.append(arg)
+    return kept
