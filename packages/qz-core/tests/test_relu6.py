@@ -114,3 +114,23 @@ def test_unquantized_model_keeps_relu6(float_model_and_inputs):
 def test_bad_relu6_mode_names_the_choices():
     with pytest.raises(QzError, match=r"relu6.*'clip'.*clamp, exact, relu"):
         QuantOptions(relu6="clip")
+
+
+def test_exact_relu6_exports_as_a_uint8_clip(float_model_and_inputs, tmp_path):
+    import onnx
+
+    from qz_core import export_onnx, run_onnx
+
+    model, x = float_model_and_inputs
+    prepared = _prepared(model, "exact", "x86")
+    with torch.no_grad():
+        calibrate(prepared, [x], progress=False)
+        int8 = convert(prepared)
+        expected = int8(x[:1])
+    export_onnx(int8, tmp_path / "m.onnx", x[:1])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert ops.count("Clip") == 2 and "Relu6" not in ops
+    onnx_out = torch.from_numpy(run_onnx(tmp_path / "m.onnx", x[:1])[0])
+    assert onnx_out.max() <= 6.0 + 1e-6
+    step = int8.second[0].scale
+    assert (onnx_out - expected).abs().max() <= step + 1e-6  # onnxruntime's rounding: at most one step apart

@@ -74,6 +74,7 @@ def _register_quantized_symbolics() -> None:
     torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d", _quantized_batch_norm(relu=False), 10)
     torch.onnx.register_custom_op_symbolic("quantized::batch_norm2d_relu", _quantized_batch_norm(relu=True), 10)
     torch.onnx.register_custom_op_symbolic("quantized::hardswish", _quantized_hardswish, 10)
+    torch.onnx.register_custom_op_symbolic("quantized::relu6", _quantized_relu6, 10)
     torch.onnx.register_custom_op_symbolic("aten::hardsigmoid", _hardsigmoid, 9)
     for opset in (9, 18):  # the opsets whose modules define a stock aten::mean
         torch.onnx.register_custom_op_symbolic("aten::mean", _mean(), opset)
@@ -228,6 +229,23 @@ def _depthwise_affine(g: Any, x: Any, in_scale: Any, gain: Any, shift: Any, chan
     bias_int = g.op("Cast", g.op("Round", g.op("Div", shift, bias_scale)), to_i=int32)
     bias = g.op("DequantizeLinear", bias_int, bias_scale, _zeros_like(g, bias_scale, torch.int32), axis_i=0)
     return g.op("Conv", x, weight, bias, group_i=channels, kernel_shape_i=[1, 1])
+
+
+def _quantized_relu6(g: Any, x: Any, inplace: bool) -> Any:
+    """Symbolic for quantized::relu6 (``QuantOptions.relu6='exact'`` on x86): one uint8 Clip of the codes.
+
+    PyTorch's quantized ReLU6 keeps its input's scale and zero point, so it clamps the codes to
+    [zero point, zero point + round(6 / scale)]: no dequantize, no float.
+    """
+    from torch.onnx import symbolic_helper as sh
+
+    values, _, _, _ = sh.dequantize_helper(g, x)
+    codes, scale, zero_point = list(values.node().inputs())[:3]
+    top = g.op(
+        "Add", g.op("Round", g.op("Div", _constant(g, 6.0, torch.float32), scale)), g.op("Cast", zero_point, to_i=1)
+    )
+    top = g.op("Cast", g.op("Min", top, _constant(g, 255.0, torch.float32)), to_i=2)
+    return g.op("prim::TupleConstruct", g.op("Clip", codes, zero_point, top), scale, zero_point)
 
 
 def _zeros_like(g: Any, value: Any, dtype: torch.dtype) -> Any:
